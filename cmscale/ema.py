@@ -1,0 +1,72 @@
+"""The target network and the evaluation EMAs, kept apart by name.
+
+- ``target``: the network that gives the consistency loss its target. Updated every step with
+  the schedule's rate mu(k) (CT: adaptive; CD: 0.95). mu = 0 makes it a copy of the online
+  network, i.e. iCT's stop-gradient target.
+- ``ema``: any number of evaluation averages, e.g. ``{"0.9999": 0.9999, "0.99994": 0.99994}``,
+  used only for sampling, FID and export.
+
+Update rule (the reference's): ``avg <- rate * avg + (1 - rate) * param``, on float32 master
+parameters; buffers (if any) are copied.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_name(rate: float) -> str:
+    """Canonical name of an evaluation EMA, e.g. ``ema_0_9999`` for 0.9999.
+
+    The rate's exact repr with "." as "_" (module names cannot hold dots), so
+    0.9999 and 0.9999432189950708 never collide."""
+    return "ema_" + repr(float(rate)).replace(".", "_")
+
+
+@torch.no_grad()
+def update_average(avg: nn.Module, net: nn.Module, rate: float) -> None:
+    """``avg <- rate * avg + (1 - rate) * net`` over parameters; buffers are copied."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"EMA rate must be in [0, 1), got {rate}")
+    dst = [p for p in avg.parameters()]
+    src = [p.detach() for p in net.parameters()]
+    if len(dst) != len(src):
+        raise ValueError("average and network have different parameter lists")
+    if rate == 0.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_mul_(dst, rate)
+        torch._foreach_add_(dst, src, alpha=1.0 - rate)
+    for b_avg, b_net in zip(avg.buffers(), net.buffers()):
+        b_avg.copy_(b_net)
+
+
+def frozen_copy(net: nn.Module) -> nn.Module:
+    """A deep copy with gradients off (train/eval mode is left to the caller)."""
+    avg = copy.deepcopy(net)
+    avg.requires_grad_(False)
+    return avg
+
+
+class Averages(nn.Module):
+    """The target and the evaluation EMAs of one network, as named sub-modules.
+
+    ``averages.target`` (None when the loss has no separate target) and ``averages.ema[name]``.
+    Being an ``nn.Module`` it saves and loads with the run's checkpoint.
+    """
+
+    def __init__(self, net: nn.Module, ema_rates=(), with_target: bool = True):
+        super().__init__()
+        self.target = frozen_copy(net) if with_target else None
+        self.rates = {ema_name(float(r)): float(r) for r in ema_rates}
+        self.ema = nn.ModuleDict({name: frozen_copy(net) for name in self.rates})
+
+    def update(self, net: nn.Module, target_rate: float | None) -> None:
+        """After an optimizer step: the target with mu(k), then every evaluation EMA."""
+        if self.target is not None and target_rate is not None:
+            update_average(self.target, net, target_rate)
+        for name, rate in self.rates.items():
+            update_average(self.ema[name], net, rate)

@@ -1,0 +1,285 @@
+"""Losses as small callables, and the distance metrics they use.
+
+Every loss is ``loss(net, images, num_scales=N, class_labels=None, target=...) -> (B,)``:
+per-sample losses, no reduction, no distributed calls (the training loop reduces). ``net`` is
+the online network (a preconditioned module, possibly DDP-wrapped); ``target`` is the network
+that gives the consistency target (an EMA of net for CD/CT, net itself under no_grad for iCT).
+
+- :class:`CTLoss`   consistency training (Song et al. 2023, Algorithm 3 / eq. 10).
+- :class:`CDLoss`   consistency distillation from a teacher denoiser (Algorithm 2 / eq. 7).
+- :class:`ICTLoss`  improved CT (Song & Dhariwal 2023): pseudo-Huber, lognormal pair indices,
+                    1/(sigma_n - sigma_{n+1}) weighting, target = stop-gradient online network.
+- :class:`EDMLoss`  EDM denoising score matching, to train teachers (Karras et al. 2022, eq. 2).
+
+Online and target passes share dropout masks: the RNG state (CPU and the current CUDA
+device) is saved before the online forward and restored before the target forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import schedules
+from .solvers import euler_step, heun_step
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _mean_flat(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(v.shape[0], -1).mean(dim=1)
+
+
+class L2:
+    """Mean of squares over all non-batch dimensions (the reference's ``l2``)."""
+
+    def __call__(self, a, b):
+        return _mean_flat((a - b) ** 2)
+
+
+class L1:
+    """Mean absolute difference over all non-batch dimensions."""
+
+    def __call__(self, a, b):
+        return _mean_flat((a - b).abs())
+
+
+class PseudoHuber:
+    """iCT's pseudo-Huber metric on the whole sample vector: ``sqrt(||a-b||^2 + c^2) - c``.
+
+    ``c = 0.00054 sqrt(d)`` with d the number of entries per sample (iCT, section 3.3). It is a
+    vector norm, not an elementwise Huber: a common reimplementation mistake.
+    """
+
+    def __init__(self, c: float | None = None):
+        self.c = c
+
+    def __call__(self, a, b):
+        diff = (a - b).reshape(a.shape[0], -1)
+        c = self.c if self.c is not None else 0.00054 * diff.shape[1] ** 0.5
+        return torch.sqrt(diff.pow(2).sum(dim=1) + c * c) - c
+
+
+VGG16_WEIGHTS = "vgg16-397923af.pth"  # torchvision's file name in the torch hub cache
+
+
+def _vgg_weights_path(explicit: str | None) -> str:
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise FileNotFoundError(f"LPIPS VGG16 weights not found at {explicit!r}")
+        return explicit
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_WEIGHTS)
+    if os.path.isfile(hub):
+        return hub
+    raise FileNotFoundError(
+        "LPIPS needs torchvision's ImageNet VGG16 weights and none were found. Put "
+        f"{VGG16_WEIGHTS} (from torchvision's model zoo) at {hub} (set TORCH_HOME to move the "
+        "cache), or pass loss.lpips_weights=/path/to/vgg16.pth. This machine cannot download it."
+    )
+
+
+class LPIPS:
+    """LPIPS (VGG) through the ``lpips`` package, used the way the reference uses it.
+
+    Inputs in [-1, 1] are mapped to [0, 1] by (x + 1) / 2, and bilinearly resized to 224x224
+    when the image side is below 256 (the reference's rule; it calls piq's LPIPS, whose VGG
+    uses average instead of max pooling; ``lpips`` keeps torchvision's max pooling).
+
+    The VGG16 backbone comes from ``weights`` (a torchvision ``vgg16`` state dict) or the torch
+    hub cache; a clear error is raised when neither exists. The small calibrated linear heads
+    ship inside the ``lpips`` package. ``random_backbone=True`` (tests only) skips the VGG
+    weights: distances are then not perceptual, only well-defined.
+    """
+
+    def __init__(self, weights: str | None = None, random_backbone: bool = False, device=None):
+        import lpips  # imported here: it pulls torchvision, not needed for l2 runs
+
+        self.model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        if not random_backbone:
+            state = torch.load(_vgg_weights_path(weights), map_location="cpu", weights_only=True)
+            # lpips splits torchvision's vgg16().features into slice1..slice5 but keeps each
+            # layer's index as its name, so "sliceK.<i>.weight" is "features.<i>.weight".
+            mapped = {}
+            for name in self.model.net.state_dict():
+                key = "features." + name.split(".", 1)[1]
+                if key not in state:
+                    raise KeyError(f"{key} missing from the VGG16 weights file")
+                mapped[name] = state[key]
+            self.model.net.load_state_dict(mapped, strict=True)
+        self.model.eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    def __call__(self, a, b):
+        if a.shape[-1] < 256:
+            a = F.interpolate(a, size=224, mode="bilinear", align_corners=False)
+            b = F.interpolate(b, size=224, mode="bilinear", align_corners=False)
+        d = self.model((a + 1) / 2, (b + 1) / 2, normalize=True)
+        return d.reshape(d.shape[0])
+
+
+def make_metric(name: str, **kwargs):
+    """Metric by config name: ``l2``, ``l1``, ``pseudo_huber`` or ``lpips``."""
+    metrics = {"l2": L2, "l1": L1, "pseudo_huber": PseudoHuber, "lpips": LPIPS}
+    if name not in metrics:
+        raise ValueError(f"unknown metric {name!r}; choose one of {sorted(metrics)}")
+    return metrics[name](**kwargs)
+
+
+# ----------------------------------------------------------------------------- RNG sharing
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state, device: torch.device):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+@contextlib.contextmanager
+def same_dropout(device: torch.device):
+    """Yield a ``replay()`` that rewinds CPU and CUDA RNG to the state at entry.
+
+    Call it before the target forward so the target draws the online pass's dropout masks.
+    (The reference forks only the CPU RNG, so on GPU its masks differ: its PR 59.)
+    """
+    state = _rng_state(device)
+    yield lambda: _set_rng_state(state, device)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+class _PairLoss:
+    """Shared body of CT, CD and iCT: a pair (sigma_n > sigma_{n+1}) on one trajectory."""
+
+    def __init__(self, metric="l2", sigma_min: float = schedules.SIGMA_MIN,
+                 sigma_max: float = schedules.SIGMA_MAX, rho: float = schedules.RHO):
+        self.metric = make_metric(metric) if isinstance(metric, str) else metric
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+
+    def sigmas(self, num_scales: int, device) -> torch.Tensor:
+        return schedules.karras_sigmas(num_scales, self.sigma_min, self.sigma_max, self.rho).to(
+            device=device, dtype=torch.float32
+        )
+
+    def sample_index(self, num_scales: int, batch: int, device) -> torch.Tensor:
+        """n ~ U{0, ..., N-2} (Algorithms 2 and 3)."""
+        return torch.randint(0, num_scales - 1, (batch,), device=device)
+
+    def weight(self, sigmas: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma_n): uniform, as the reference's CM runs."""
+        return torch.ones_like(sigmas[n])
+
+    def point_at_next(self, x, x_n, z, sigma_n, sigma_next, class_labels):
+        """The point at sigma_{n+1} on the trajectory through x_n (subclasses define it)."""
+        raise NotImplementedError
+
+    def __call__(self, net, images, num_scales: int, class_labels=None, target=None):
+        if num_scales < 2:
+            raise ValueError(f"num_scales must be >= 2, got {num_scales}")
+        target = net if target is None else target
+        x = images
+        B, device = x.shape[0], x.device
+        sigmas = self.sigmas(num_scales, device)
+        n = self.sample_index(num_scales, B, device)
+        sigma_n, sigma_next = sigmas[n], sigmas[n + 1]
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        z = torch.randn_like(x)
+        x_n = x + sigma_n.reshape(shape).to(x.dtype) * z
+        with same_dropout(device) as replay:
+            online = net(x_n, sigma_n, class_labels)
+            with torch.no_grad():
+                x_next = self.point_at_next(x, x_n, z, sigma_n, sigma_next, class_labels)
+                replay()
+                tgt = target(x_next, sigma_next, class_labels)
+        return self.weight(sigmas, n) * self.metric(online.float(), tgt.detach().float())
+
+
+class CTLoss(_PairLoss):
+    """Consistency training: the point at sigma_{n+1} is ``x + sigma_{n+1} z`` (same z).
+
+    Equivalent to one Euler step of the PF ODE with x itself as the denoiser, as the
+    reference writes it.
+    """
+
+    def point_at_next(self, x, x_n, z, sigma_n, sigma_next, class_labels):
+        return x + sigma_next.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype) * z
+
+
+class CDLoss(_PairLoss):
+    """Consistency distillation: one teacher ODE step from sigma_n to sigma_{n+1}.
+
+    ``teacher`` is a denoiser D(x, sigma, class_labels) (an :class:`EDMPrecond`, or the exact
+    Gaussian-mixture denoiser); ``solver`` is ``"heun"`` (the reference's choice) or ``"euler"``.
+    """
+
+    def __init__(self, teacher, solver: str = "heun", **kwargs):
+        super().__init__(**kwargs)
+        if solver not in ("heun", "euler"):
+            raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+        self.teacher = teacher
+        self.step = heun_step if solver == "heun" else euler_step
+
+    def point_at_next(self, x, x_n, z, sigma_n, sigma_next, class_labels):
+        return self.step(self.teacher, x_n, sigma_n, sigma_next, class_labels)
+
+
+class ICTLoss(CTLoss):
+    """Improved consistency training (Song & Dhariwal 2023).
+
+    Pseudo-Huber metric by default, pair index from the discretised lognormal, weighting
+    1/(sigma_n - sigma_{n+1}); call it with ``target=None`` (or the same net) so the target is
+    the stop-gradient online network; N from :func:`cmscale.schedules.ict_num_scales`.
+    """
+
+    def __init__(self, metric="pseudo_huber", p_mean: float = -1.1, p_std: float = 2.0, **kwargs):
+        super().__init__(metric=metric, **kwargs)
+        self.p_mean, self.p_std = p_mean, p_std
+        self._probs = {}
+
+    def sample_index(self, num_scales, batch, device):
+        if num_scales not in self._probs:
+            probs = schedules.lognormal_index_probs(
+                schedules.karras_sigmas(num_scales, self.sigma_min, self.sigma_max, self.rho),
+                self.p_mean, self.p_std)
+            self._probs[num_scales] = probs.float()
+        probs = self._probs[num_scales].to(device)
+        return torch.multinomial(probs, batch, replacement=True)
+
+    def weight(self, sigmas, n):
+        return schedules.ict_weights(sigmas)[n]
+
+
+class EDMLoss:
+    """EDM denoising score matching for teachers: ``lambda(sigma) ||D(x + sigma z, sigma) - x||^2``.
+
+    ln(sigma) ~ N(P_mean, P_std^2) and ``lambda = 1/sigma^2 + 1/sigma_data^2`` (the reference's
+    "karras" weighting); the squared error is a mean over entries (the reference's mean_flat).
+    """
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5):
+        self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
+
+    def __call__(self, net, images, num_scales: int | None = None, class_labels=None,
+                 target=None):
+        del num_scales, target  # EDM training has neither a grid nor a target network
+        x = images
+        sigma = schedules.edm_lognormal_sigmas(x.shape[0], self.p_mean, self.p_std,
+                                               device=x.device)
+        s = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
+        denoised = net(x + s * torch.randn_like(x), sigma, class_labels)
+        weight = 1.0 / sigma**2 + 1.0 / self.sigma_data**2
+        return weight * _mean_flat((denoised.float() - x.float()) ** 2)

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from cmscale import schedules
+
+
+def test_karras_grid_endpoints_and_formula():
+    s = schedules.karras_sigmas(40)
+    assert s.dtype == torch.float64 and s.shape == (40,)
+    assert s[0].item() == 80.0
+    assert s[-1].item() == pytest.approx(0.002, rel=1e-12)
+    assert torch.all(s[:-1] > s[1:])
+    # middle point by hand: ((80^(1/7) + 0.5 (0.002^(1/7) - 80^(1/7)))^7 for 3 points
+    mid = (80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert schedules.karras_sigmas(3)[1].item() == pytest.approx(mid, rel=1e-14)
+    with pytest.raises(ValueError):
+        schedules.karras_sigmas(1)
+
+
+# REFERENCE.md's table for LSUN 256 CT: s0 = 2, s1 = 150, K = 1M, mu0 = 0.95.
+@pytest.mark.parametrize(
+    "step,N,mu",
+    [(0, 2, 0.9025), (10_000, 16, 0.9932), (100_000, 48, None), (500_000, 107, None),
+     (1_000_000, 151, 0.99932)],
+)
+def test_ct_schedule_reference_table(step, N, mu):
+    n, m = schedules.ct_schedule(step, 1_000_000, s0=2, s1=150, mu0=0.95)
+    assert n == N
+    if mu is not None:
+        assert m == pytest.approx(mu, abs=5e-5)
+    # mu uses N' = N - 1, not N (the reference's quirk that produced the paper's numbers)
+    assert m == pytest.approx(math.exp(2 * math.log(0.95) / (n - 1)), rel=1e-15)
+
+
+def test_ct_schedule_mu0_squared_at_start_and_monotone():
+    assert schedules.ct_schedule(0, 10, 2, 150, 0.95) == (2, 0.95**2)
+    values = [schedules.ct_schedule(k, 1000, 2, 150, 0.95) for k in range(0, 1001, 50)]
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError):
+        schedules.ct_schedule(0, 0, 2, 150, 0.95)
+
+
+def test_cd_schedule_fixed():
+    assert schedules.cd_schedule(0) == (40, 0.95)
+    assert schedules.cd_schedule(123_456) == (40, 0.95)
+
+
+def test_ict_curriculum_doubles_from_10_to_1280():
+    K = 400_000
+    k_prime = K // 8  # floor(K / (log2(1280/10) + 1))
+    got = [schedules.ict_num_scales(k, K) for k in range(0, K + 1, k_prime)]
+    assert got == [11, 21, 41, 81, 161, 321, 641, 1281, 1281]
+    assert schedules.ict_num_scales(k_prime - 1, K) == 11
+    assert schedules.ict_schedule(0, K) == (11, 0.0)
+
+
+def test_lognormal_index_probs_match_lognormal_mass():
+    sigmas = schedules.karras_sigmas(11)
+    p = schedules.lognormal_index_probs(sigmas, -1.1, 2.0)
+    assert p.shape == (10,) and torch.all(p > 0)
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
+    # Independent check with the normal CDF on ln(sigma).
+    cdf = lambda s: 0.5 * (1 + math.erf((math.log(s) + 1.1) / (2.0 * math.sqrt(2))))
+    raw = [cdf(sigmas[i].item()) - cdf(sigmas[i + 1].item()) for i in range(10)]
+    total = sum(raw)
+    for a, b in zip(p.tolist(), raw):
+        assert a == pytest.approx(b / total, rel=1e-10)
+    # the mode is near exp(P_mean) ~ 0.33: pairs straddling it get the most mass
+    best = int(p.argmax())
+    assert sigmas[best + 1] < 1.0 and sigmas[best] > 0.1
+
+
+def test_ict_weights():
+    s = schedules.karras_sigmas(5)
+    w = schedules.ict_weights(s)
+    assert torch.allclose(w, 1 / (s[:-1] - s[1:]))
+    assert torch.all(w[1:] > w[:-1])  # smaller gaps at low noise weigh more
