@@ -1,6 +1,7 @@
 """Networks: raw models (ADM UNet, MLP) and the preconditioning wrapped around them."""
 
 from .mlp import MLP
+from .unet import PRESETS, UNet, create_unet
 from .precond import ConsistencyPrecond, EDMPrecond, c_noise, cm_scalings, edm_scalings
 
-__all__ = ["MLP", "ConsistencyPrecond", "EDMPrecond", "c_noise", "cm_scalings", "edm_scalings"]
+__all__ = ["MLP", "UNet", "PRESETS", "create_unet", "ConsistencyPrecond", "EDMPrecond", "c_noise", "cm_scalings", "edm_scalings"]

@@ -5,23 +5,9 @@ Same call protocol as the UNet: ``forward(x, noise_labels, class_labels=None)``.
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import nn
 
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of a (B,) float tensor (cos half, then sin half)."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
+from .unet import timestep_embedding
 
 
 class MLP(nn.Module):
