@@ -70,3 +70,66 @@ class Averages(nn.Module):
             update_average(self.target, net, target_rate)
         for name, rate in self.rates.items():
             update_average(self.ema[name], net, rate)
+
+
+class ShardedAverage:
+    """One evaluation EMA, sharded: this rank owns a 1/W slice of the flattened parameters.
+
+    The parameters of ``net`` are seen as one flat vector of ``numel`` entries (in
+    ``net.parameters()`` order); rank r owns ``checkpoint.shard_range(numel, r, W)``. The
+    update touches only views into the live parameters that fall in that slice, so it costs
+    1/W of a full EMA in memory and time and needs no communication. ``gather()`` assembles
+    the whole average (all ranks take part) for evaluation and export only.
+
+    ``local`` is padded to ``ceil(numel / W)`` entries so that all ranks' slices have one size
+    (what all_gather needs); the checkpoint saves it as a ``FlatShard``, which lets a run
+    resume at another world size.
+    """
+
+    def __init__(self, net: nn.Module, rate: float, rank: int = 0, world_size: int = 1):
+        from .checkpoint import shard_range
+
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"EMA rate must be in [0, 1), got {rate}")
+        self.rate, self.rank, self.world_size = float(rate), rank, world_size
+        params = list(net.parameters())
+        self.numel = sum(p.numel() for p in params)
+        start, stop = shard_range(self.numel, rank, world_size)
+        chunk = -(-self.numel // world_size)
+        device = params[0].device if params else None
+        self.local = torch.zeros(chunk, dtype=torch.float32, device=device)
+        self._src, self._dst = [], []
+        offset = 0
+        for p in params:
+            a, b = max(start, offset), min(stop, offset + p.numel())
+            if a < b:
+                self._src.append(p.detach().view(-1)[a - offset:b - offset])
+                self._dst.append(self.local[a - start:b - start])
+            offset += p.numel()
+        with torch.no_grad():
+            torch._foreach_copy_(self._dst, self._src)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """``avg <- rate * avg + (1 - rate) * param`` on this rank's slice."""
+        if not self._dst:
+            return
+        torch._foreach_mul_(self._dst, self.rate)
+        torch._foreach_add_(self._dst, [s.float() for s in self._src], alpha=1.0 - self.rate)
+
+    @torch.no_grad()
+    def gather(self, into: nn.Module) -> nn.Module:
+        """Write the whole average into ``into``'s parameters (collective when W > 1)."""
+        from torch import distributed as tdist
+
+        if self.world_size > 1:
+            parts = [torch.empty_like(self.local) for _ in range(self.world_size)]
+            tdist.all_gather(parts, self.local)
+            flat = torch.cat(parts)[: self.numel]
+        else:
+            flat = self.local[: self.numel]
+        offset = 0
+        for p in into.parameters():
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return into

@@ -1,0 +1,295 @@
+"""Typed run configuration: dataclasses, loaded from YAML recipes, overridable by ``key=value``.
+
+``load_config("configs/lsun_cat_ct.yaml", ["train.total_steps=100", "data.shards=x.tar"])``
+returns a validated :class:`Config`. Unknown keys and bad values are errors that name the key,
+raised before any work starts. The resolved config is written into the run directory.
+
+Progress is counted in optimizer steps of the *global* batch (``train.global_batch``), so
+lr, N(k) and mu(k) mean the same at any world size; images seen = steps x global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value (the message names it)."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "embedded:sklearn:digits"  # shard pattern/dir/pipe: URL, or embedded:<name>
+    resolution: int = 16                     # image side the network sees
+    class_cond: bool = False                 # feed labels (data must carry them)
+    num_workers: int = 1                     # DataLoader workers per rank
+    random_flip: bool = True                 # horizontal flips (seeded per sample)
+    bad_input: str = "skip"                  # convert | skip | raise (corrupt/odd images)
+
+
+@dataclass
+class NetConfig:
+    preset: str = "tiny16"                   # cmscale.networks.unet.PRESETS name
+    overrides: dict = field(default_factory=dict)  # UNet kwargs over the preset (e.g. dropout)
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+
+@dataclass
+class LossConfig:
+    mode: str = "ct"                         # edm | cd | ct | ict
+    metric: str = "l2"                       # l2 | l1 | lpips | pseudo_huber
+    lpips_weights: str = ""                  # local VGG16 file (else the torch hub cache)
+    # CT curriculum (reference "progressive" N, "adaptive" target EMA)
+    start_scales: int = 2                    # s0
+    end_scales: int = 150                    # s1
+    start_ema: float = 0.95                  # mu0
+    # CD: fixed N and target EMA; teacher checkpoint (ours or a reference .pt)
+    num_scales: int = 40
+    target_ema: float = 0.95
+    teacher: str = ""                        # path to teacher weights (cd)
+    teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
+    teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
+    solver: str = "heun"                     # heun | euler (cd)
+    # iCT
+    ict_s0: int = 10
+    ict_s1: int = 1280
+    p_mean: float = -1.1
+    p_std: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "radam"                      # radam | adam | adamw
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 0                    # linear lr warm-up
+    grad_clip: float = 0.0                   # 0 = off
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 1000                  # K, optimizer steps of the global batch
+    global_batch: int = 32                   # images per optimizer step, all ranks together
+    micro_batch: int = 0                     # images per rank per forward (0 = global/world)
+    precision: str = "fp32"                  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling)
+    initial_loss_scale: float = 2.0**20      # fp16 only, as the reference
+    max_nonfinite_steps: int = 20            # consecutive skipped steps before stopping
+    backend: str = "ddp"                     # ddp | deepspeed
+    zero_stage: int = 0                      # deepspeed ZeRO stage 1/2/3
+    seed: int = 0
+    inject_nan_at: list = field(default_factory=list)  # fault injection (tests): NaN loss at these steps
+
+
+@dataclass
+class EMAConfig:
+    rates: list = field(default_factory=lambda: [0.9999])  # evaluation EMAs (not the target)
+
+
+@dataclass
+class CheckpointConfig:
+    every_images: int = 0                    # 0 = only at the end and on preemption
+    keep_last: int = 3
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 50                    # one-line summary + JSONL + TensorBoard scalars
+    sample_every_images: int = 0             # sample grid to TensorBoard/PNG (0 = at the end)
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class SampleConfig:
+    ema: str = ""                            # which average to sample ("" = first EMA)
+    ts: list = field(default_factory=lambda: [0, 20, 39])  # two-step setting, reference form
+    steps: int = 40
+    num_grid: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert ``value`` to the field's type, or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(typ) or typ
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(float(value))
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+        if origin in (list, tuple):
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [
+                    yaml.safe_load(v) for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return origin(value)
+        if origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError, yaml.YAMLError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in data.items():
+        key = prefix + name
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}; known: {sorted(names)}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def _set_dotted(cfg: Config, item: str) -> None:
+    """Apply one ``section.key=value`` override (``net.overrides.K=V`` sets a UNet kwarg)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) == 3 and parts[1] == "overrides" and hasattr(cfg, parts[0]):
+        section = getattr(cfg, parts[0])
+        section.overrides = {**section.overrides, parts[2]: yaml.safe_load(raw)}
+        return
+    nested: dict = {}
+    cur = nested
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = raw
+    _apply(cfg, nested)
+
+
+CHOICES = {
+    "loss.mode": ("edm", "cd", "ct", "ict"),
+    "loss.metric": ("l2", "l1", "lpips", "pseudo_huber"),
+    "loss.solver": ("heun", "euler"),
+    "optim.name": ("radam", "adam", "adamw"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.backend": ("ddp", "deepspeed"),
+    "data.bad_input": ("convert", "skip", "raise"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone do not; raise ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: choose one of {list(allowed)}")
+    checks = [
+        ("train.total_steps", cfg.train.total_steps > 0, "must be > 0"),
+        ("train.global_batch", cfg.train.global_batch > 0, "must be > 0"),
+        ("train.micro_batch", cfg.train.micro_batch >= 0, "must be >= 0"),
+        ("train.zero_stage", cfg.train.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
+        ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps > 0, "must be > 0"),
+        ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
+        ("data.resolution", cfg.data.resolution > 0, "must be > 0"),
+        ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
+        ("net.sigma_min", 0 < cfg.net.sigma_min < cfg.net.sigma_max, "need 0 < min < max"),
+        ("loss.start_scales", cfg.loss.start_scales >= 1, "must be >= 1"),
+        ("loss.end_scales", cfg.loss.end_scales >= cfg.loss.start_scales, "must be >= s0"),
+        ("loss.start_ema", 0 < cfg.loss.start_ema < 1, "must be in (0, 1)"),
+        ("loss.target_ema", 0 <= cfg.loss.target_ema < 1, "must be in [0, 1)"),
+        ("loss.num_scales", cfg.loss.num_scales >= 2, "must be >= 2"),
+        ("ema.rates", all(0 < float(r) < 1 for r in cfg.ema.rates), "each in (0, 1)"),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, "must be >= 1"),
+        ("checkpoint.every_images", cfg.checkpoint.every_images >= 0, "must be >= 0"),
+        ("log.every_steps", cfg.log.every_steps > 0, "must be > 0"),
+        ("sample.steps", cfg.sample.steps >= 2, "must be >= 2"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r}: {why}")
+    if cfg.loss.mode == "cd" and not cfg.loss.teacher:
+        raise ConfigError("loss.teacher: CD needs a teacher checkpoint (loss.teacher=PATH)")
+    if cfg.train.backend == "deepspeed" and cfg.train.zero_stage == 0:
+        raise ConfigError("train.zero_stage: the deepspeed backend needs a ZeRO stage 1, 2 or 3")
+    ts = [int(t) for t in cfg.sample.ts]
+    if len(ts) < 2 or any(a >= b for a, b in zip(ts, ts[1:])) or ts[-1] >= cfg.sample.steps:
+        raise ConfigError(f"sample.ts={cfg.sample.ts}: increasing indices below sample.steps")
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Load a YAML recipe (or the defaults) and apply ``key=value`` overrides, then validate."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _apply(cfg, data)
+    for item in overrides:
+        _set_dotted(cfg, item)
+    return validate(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)

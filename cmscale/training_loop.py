@@ -1,0 +1,503 @@
+"""The one training loop: EDM teachers, CD, CT and iCT; DDP or DeepSpeed; any world size.
+
+Runs as a plain process, under torchrun, srun or mpiexec (``cmscale.dist`` finds out which).
+Data flows one way: config -> data -> network + preconditioning -> loss -> optimizer/EMA ->
+checkpoint.
+
+Progress is counted in optimizer steps of the global batch; images seen = step x global
+batch. Randomness of a step (noise, pair indices, dropout) is derived from (seed, rank, step,
+micro-batch) and not saved, so a resumed run draws what an uninterrupted one would have.
+
+Re-running the same command in the same run directory resumes from the newest complete
+checkpoint. On SIGUSR1/SIGUSR2/SIGTERM all ranks agree at the next step boundary, save a
+checkpoint and exit with ``dist.EXIT_REQUEUE`` (75), which a launcher turns into a requeue.
+
+Non-finite losses or gradients: the step is skipped on every rank (no optimizer, target or
+EMA update; with fp16 the loss scale is lowered as the reference does); after
+``train.max_nonfinite_steps`` consecutive skipped steps the run stops with exit code
+``EXIT_NONFINITE`` (65) without writing a checkpoint, so the last good one stays the newest.
+
+Sharding of the averages: every evaluation EMA is sharded over data-parallel ranks
+(:class:`cmscale.ema.ShardedAverage`, 1/W each), gathered only for sampling and export. The
+target network is needed whole by every rank at every step (its forward gives the loss
+target), so it is kept replicated: sharding it would only add an all-gather per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint, dist, losses, schedules
+from .config import Config, dump_config
+from .ema import ShardedAverage, ema_name, frozen_copy, update_average
+from .networks import ConsistencyPrecond, EDMPrecond, create_unet
+from .weights import load_state_dict
+
+EXIT_NONFINITE = 65
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
+    """A 63-bit seed for the randomness of (run seed, rank, step, micro-batch)."""
+    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1])) & ((1 << 63) - 1)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_net(cfg: Config) -> torch.nn.Module:
+    """The plain preconditioned network (consistency function, or EDM denoiser for ``edm``)."""
+    raw = create_unet(cfg.net.preset, **cfg.net.overrides)
+    wrap = EDMPrecond if cfg.loss.mode == "edm" else ConsistencyPrecond
+    return wrap(raw, sigma_data=cfg.net.sigma_data, sigma_min=cfg.net.sigma_min,
+                sigma_max=cfg.net.sigma_max)
+
+
+def build_teacher(cfg: Config, device) -> torch.nn.Module:
+    """The CD teacher: an EDM denoiser from a weights file (ours, or a reference edm_*.pt)."""
+    preset = cfg.loss.teacher_preset or cfg.net.preset
+    raw = create_unet(preset, **{**cfg.net.overrides, "dropout": cfg.loss.teacher_dropout})
+    state = load_state_dict(cfg.loss.teacher)
+    missing, unexpected = raw.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"teacher {cfg.loss.teacher} does not fit preset {preset!r}: "
+            f"missing {missing[:3]}..., unexpected {unexpected[:3]}...")
+    teacher = EDMPrecond(raw, sigma_data=cfg.net.sigma_data, sigma_min=cfg.net.sigma_min,
+                         sigma_max=cfg.net.sigma_max)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def build_loss(cfg: Config, device):
+    lc, nc = cfg.loss, cfg.net
+    grid = dict(sigma_min=nc.sigma_min, sigma_max=nc.sigma_max, rho=nc.rho)
+    if lc.mode == "edm":
+        return losses.EDMLoss(sigma_data=nc.sigma_data)
+    metric = (losses.LPIPS(weights=lc.lpips_weights or None, device=device)
+              if lc.metric == "lpips" else losses.make_metric(lc.metric))
+    if lc.mode == "ct":
+        return losses.CTLoss(metric, **grid)
+    if lc.mode == "ict":
+        return losses.ICTLoss(metric, p_mean=lc.p_mean, p_std=lc.p_std, **grid)
+    return losses.CDLoss(build_teacher(cfg, device), solver=lc.solver, metric=metric, **grid)
+
+
+def schedule(cfg: Config, step: int) -> tuple[int | None, float | None]:
+    """(N, target mu) at ``step`` for the configured mode."""
+    lc, K = cfg.loss, cfg.train.total_steps
+    if lc.mode == "ct":
+        return schedules.ct_schedule(step, K, lc.start_scales, lc.end_scales, lc.start_ema)
+    if lc.mode == "cd":
+        return schedules.cd_schedule(step, lc.num_scales, lc.target_ema)
+    if lc.mode == "ict":
+        return schedules.ict_schedule(step, K, lc.ict_s0, lc.ict_s1)
+    return None, None
+
+
+def build_optimizer(cfg: Config, params):
+    oc = cfg.optim
+    cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    return cls[oc.name](params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Constant lr (the reference's) after an optional linear warm-up."""
+    w = cfg.optim.warmup_steps
+    return cfg.optim.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.optim.lr
+
+
+def build_data(cfg: Config, info: dist.DistInfo, per_rank: int, nimg: int):
+    from .data import build_loader
+    from .data.embedded import ensure_embedded_shards
+
+    shards = cfg.data.shards
+    if shards.startswith("embedded:"):
+        # Rank 0 builds the shards once into the cache; the others wait for it.
+        name = shards[len("embedded:"):]
+        if dist.is_main():
+            shards = ensure_embedded_shards(name, resolution=cfg.data.resolution)
+        dist.barrier()
+        shards = ensure_embedded_shards(name, resolution=cfg.data.resolution)
+    return build_loader(
+        shards, batch_size_per_rank=per_rank, rank=info.rank, world_size=info.world_size,
+        seed=cfg.train.seed, num_workers=cfg.data.num_workers, start_images=nimg,
+        resolution=cfg.data.resolution, class_cond=cfg.data.class_cond,
+        random_flip=cfg.data.random_flip, bad_input=cfg.data.bad_input)
+
+
+def batch_split(cfg: Config, world: int) -> tuple[int, int, int]:
+    """(per-rank batch, micro-batch, accumulation steps) for the global batch at ``world``."""
+    gb = cfg.train.global_batch
+    if gb % world:
+        raise ValueError(f"train.global_batch={gb} is not divisible by the world size {world}")
+    per_rank = gb // world
+    micro = cfg.train.micro_batch or per_rank
+    if per_rank % micro:
+        raise ValueError(f"train.micro_batch={micro} does not divide the per-rank batch "
+                         f"{per_rank} (global {gb} over {world} ranks)")
+    return per_rank, micro, per_rank // micro
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class Logger:
+    """Rank 0: tqdm bar, one-line summaries, JSONL metrics and TensorBoard scalars/images."""
+
+    def __init__(self, cfg: Config, run_dir: str, start_step: int):
+        self.main = dist.is_main()
+        self.bar = self.tb = None
+        self.jsonl = None
+        if not self.main:
+            return
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:  # tensorboard is an install requirement; be lenient anyway
+                self.tb = None
+        if cfg.log.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.total_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, postfix: dict):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def scalars(self, record: dict, step: int, line: bool = True):
+        if not self.main:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step",):
+                    self.tb.add_scalar(k, v, step)
+        if line:
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in record.items())
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def image(self, tag: str, grid: torch.Tensor, step: int):
+        if self.main and self.tb is not None:
+            self.tb.add_image(tag, grid, step)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_grid(net, cfg: Config, device, n: int | None = None) -> torch.Tensor:
+    """One-step and multistep (``sample.ts``/``steps``) samples side by side, uint8 CHW."""
+    from .sampling import PerImageNoise, sample_onestep, sample_ts
+
+    n = n or cfg.sample.num_grid
+    res = cfg.data.resolution
+    net_labels = None
+    num_classes = getattr(getattr(net, "model", None), "num_classes", None)
+    if num_classes:
+        net_labels = torch.arange(n, device=device) % num_classes
+    grid_kw = dict(sigma_min=cfg.net.sigma_min, sigma_max=cfg.net.sigma_max)
+    was_training = net.training
+    net.eval()
+    if cfg.loss.mode == "edm":
+        from .solvers import edm_sample
+
+        z = PerImageNoise(cfg.sample.seed, range(n), (3, res, res), device=device).next()
+        panels = [edm_sample(net, z, 1, net_labels, **grid_kw),
+                  edm_sample(net, z, 18, net_labels, **grid_kw)]
+    else:
+        noise = lambda: PerImageNoise(cfg.sample.seed, range(n), (3, res, res), device=device)
+        panels = [sample_onestep(net, noise(), net_labels, **grid_kw),
+                  sample_ts(net, noise(), cfg.sample.ts, cfg.sample.steps, net_labels,
+                            rho=cfg.net.rho, **grid_kw)]
+    net.train(was_training)
+    return torch.cat([make_grid(p) for p in panels], dim=2)
+
+
+def make_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (3, rows*(H+pad), cols*(W+pad)) square-ish grid."""
+    b, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    out = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    img = ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    for i in range(b):
+        r, q = divmod(i, cols)
+        out[:, pad + r * (h + pad):pad + r * (h + pad) + h,
+            pad + q * (w + pad):pad + q * (w + pad) + w] = img[i]
+    return out
+
+
+def save_png(grid: torch.Tensor, path: str, min_side: int = 512):
+    """Save a uint8 CHW grid; small grids are enlarged (nearest) so a person can see them."""
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    scale = max(1, min_side // max(1, min(img.size)))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """State and steps of one run. ``run()`` returns the process exit code."""
+
+    def __init__(self, cfg: Config, run_dir: str):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.info = dist.init()
+        self.device = self.info.device
+        tc = cfg.train
+        self.per_rank, self.micro, self.accum = batch_split(cfg, self.info.world_size)
+
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        self.net = build_net(cfg).to(self.device).train()
+        self.opt = build_optimizer(cfg, self.net.parameters())
+        mode = cfg.loss.mode
+        # CD/CT: an EMA target network; iCT: the online net itself under no_grad; EDM: none.
+        self.target = frozen_copy(self.net) if mode in ("cd", "ct") else None
+        self.emas = {ema_name(r): ShardedAverage(self.net, float(r), self.info.rank,
+                                                 self.info.world_size)
+                     for r in cfg.ema.rates}
+        self.loss_fn = build_loss(cfg, self.device)
+        self.scaler = None
+        if tc.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=tc.initial_loss_scale)
+        self.ddp = self.net
+        if self.info.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.net, device_ids=ids, broadcast_buffers=False)
+        self.step = 0
+        self.nonfinite = 0  # consecutive skipped steps
+        self.data_positions = torch.zeros(max(1, cfg.data.num_workers), dtype=torch.int64)
+
+    # -- checkpoint state ------------------------------------------------------------------
+    def state(self) -> dict:
+        s = {
+            "model": checkpoint.ModelOptimizer(self.net, self.opt),
+            "ema": {name: checkpoint.FlatShard(e.local, e.numel) for name, e in self.emas.items()},
+            "train": {"step": self.step, "nonfinite": self.nonfinite},
+            "data": {"positions": checkpoint.PerRank(self.data_positions)},
+        }
+        if self.target is not None:
+            s["target"] = self.target
+        if self.scaler is not None:
+            s["scaler"] = {"scale": torch.tensor(float(self.scaler.get_scale()))}
+        return s
+
+    def save(self, reason: str):
+        nimg = self.step * self.cfg.train.global_batch
+        if hasattr(self, "loader"):
+            self.data_positions.copy_(torch.tensor(self.loader.state_dict()["positions"]))
+        state = self.state()
+        path = checkpoint.save(self.run_dir, state, {"nimg": nimg, "step": self.step,
+                                                     "reason": reason})
+        checkpoint.keep_last(self.run_dir, self.cfg.checkpoint.keep_last) if dist.is_main() else None
+        dist.print0(f"checkpoint: {path} ({reason})")
+
+    def resume(self) -> dict | None:
+        state = self.state()
+        meta = checkpoint.load_latest(self.run_dir, state)
+        if meta is None:
+            return None
+        self.step = int(state["train"]["step"])
+        self.nonfinite = int(state["train"]["nonfinite"])
+        if self.scaler is not None:
+            self.scaler.update(float(state["scaler"]["scale"]))
+        self.resumed_world = int(meta.get("world_size", self.info.world_size))
+        return meta
+
+    # -- one optimizer step ----------------------------------------------------------------
+    def train_step(self, batches) -> tuple[float, bool]:
+        cfg, tc = self.cfg, self.cfg.train
+        N, mu = schedule(cfg, self.step)
+        lr = learning_rate(cfg, self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                    if tc.precision == "bf16" else
+                    torch.autocast(self.device.type, dtype=torch.float16)
+                    if tc.precision == "fp16" else contextlib.nullcontext())
+        target = self.target if self.target is not None else self.net
+        total = torch.zeros((), device=self.device)
+        for m, (images, labels) in enumerate(batches):
+            torch.manual_seed(step_seed(tc.seed, self.info.rank, self.step, m))
+            sync = m == len(batches) - 1
+            ctx = (self.ddp.no_sync() if (not sync and self.ddp is not self.net)
+                   else contextlib.nullcontext())
+            with ctx:
+                with autocast:
+                    loss = self.loss_fn(self.ddp, images, num_scales=N, class_labels=labels,
+                                        target=target).mean() / len(batches)
+                if self.step in cfg.train.inject_nan_at and m == 0:
+                    loss = loss * float("nan")  # fault injection for tests (train.inject_nan_at)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach()
+        mean_loss = dist.all_reduce_mean(total)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        if cfg.optim.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # Gradients are identical on all ranks after DDP's all-reduce and the loss is
+        # all-reduced, so every rank reaches the same verdict without another collective.
+        finite = bool(torch.isfinite(mean_loss)) and bool(torch.isfinite(norm))
+        if finite:
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+            if self.target is not None:
+                update_average(self.target, self.net, mu)
+            for e in self.emas.values():
+                e.update()
+        elif self.scaler is not None:
+            self.scaler.update(self.scaler.get_scale() / 2)  # the reference halves and skips
+        self.opt.zero_grad(set_to_none=True)
+        return float(mean_loss), finite
+
+    def run(self) -> int:
+        cfg, tc = self.cfg, self.cfg.train
+        if dist.is_main():
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(dump_config(cfg))
+        dist.barrier()
+        meta = self.resume()
+        if meta is not None:
+            dist.print0(f"resumed from {meta['nimg']} images (step {self.step}, "
+                        f"saved by {meta.get('world_size')} ranks)")
+        nimg = self.step * tc.global_batch
+        self.loader = build_data(cfg, self.info, self.per_rank, nimg)
+        if meta is not None and self.resumed_world == self.info.world_size:
+            st = self.loader.state_dict()
+            st["positions"] = self.data_positions.tolist()
+            self.loader.load_state_dict(st)
+        dist.install_signal_handlers()
+        log = Logger(cfg, self.run_dir, self.step)
+        code = 0
+        try:
+            code = self._loop(log)
+        finally:
+            log.close()
+        return code
+
+    def _loop(self, log: Logger) -> int:
+        cfg, tc = self.cfg, self.cfg.train
+        gb = tc.global_batch
+        if self.step >= tc.total_steps:
+            dist.print0(f"run already finished ({self.step} steps); nothing to do")
+            return 0
+        it = iter(self.loader)
+        t_last, n_last, losses_since = time.time(), self.step, []
+        while self.step < tc.total_steps:
+            batches = []
+            images, labels = next(it)
+            for m in range(self.accum):
+                sl = slice(m * self.micro, (m + 1) * self.micro)
+                batches.append((images[sl].to(self.device),
+                                None if labels is None else labels[sl].to(self.device)))
+            loss, finite = self.train_step(batches)
+            if finite:
+                self.nonfinite = 0
+            else:
+                self.nonfinite += 1
+                dist.print0(f"step {self.step}: non-finite loss or gradient, step skipped "
+                            f"({self.nonfinite} in a row)")
+                if self.nonfinite >= tc.max_nonfinite_steps:
+                    dist.print0(f"stopping: {self.nonfinite} consecutive non-finite steps; the "
+                                "last complete checkpoint is untouched. Lower optim.lr, use "
+                                "bf16/fp32, or check the data.")
+                    return EXIT_NONFINITE
+            self.step += 1
+            nimg = self.step * gb
+            losses_since.append(loss)
+            N, mu = schedule(cfg, self.step - 1)
+            log.step({"loss": f"{loss:.3e}", "N": N, "mu": f"{mu:.5f}" if mu is not None else "-",
+                      "lr": f"{learning_rate(cfg, self.step - 1):.1e}"})
+            if self.step % cfg.log.every_steps == 0 or self.step == tc.total_steps:
+                dt = time.time() - t_last
+                finite_losses = [x for x in losses_since if math.isfinite(x)]
+                rec = {"step": self.step, "nimg": nimg,
+                       "loss": float(np.mean(finite_losses)) if finite_losses else float("nan"),
+                       "N": N, "mu": mu, "lr": learning_rate(cfg, self.step - 1),
+                       "img_per_s": (self.step - n_last) * gb / max(dt, 1e-9)}
+                rec.update({f"data/{k}": v for k, v in self.loader.bad_input_counts.items()})
+                log.scalars(rec, self.step)
+                t_last, n_last, losses_since = time.time(), self.step, []
+            every = cfg.checkpoint.every_images
+            if every and nimg // every != (nimg - gb) // every and self.step < tc.total_steps:
+                self.save("periodic")
+            se = cfg.log.sample_every_images
+            if se and nimg // se != (nimg - gb) // se:
+                self.write_samples(log)
+            if dist.should_stop():
+                self.save("preempted")
+                dist.print0(f"stop signal: checkpointed at step {self.step}; "
+                            f"exit {dist.EXIT_REQUEUE} (requeue)")
+                return dist.EXIT_REQUEUE
+        self.save("final")
+        self.write_samples(log)
+        return 0
+
+    def eval_net(self, name: str = "") -> torch.nn.Module:
+        """A whole network for sampling: an EMA (gathered; collective), or online/target."""
+        name = name or (next(iter(self.emas)) if self.emas else "online")
+        if name == "online":
+            return self.net
+        if name == "target":
+            return self.target if self.target is not None else self.net
+        if name not in self.emas:
+            raise ValueError(f"sample.ema={name!r}: choose 'online', 'target' or one of "
+                             f"{list(self.emas)}")
+        return self.emas[name].gather(frozen_copy(self.net))
+
+    def write_samples(self, log: Logger):
+        net = self.eval_net(self.cfg.sample.ema)
+        if dist.is_main():
+            grid = sample_grid(net, self.cfg, self.device)
+            nimg = self.step * self.cfg.train.global_batch
+            path = os.path.join(self.run_dir, "samples", f"grid-{nimg:012d}.png")
+            save_png(grid, path)
+            log.image("samples/onestep_multistep", grid, self.step)
+            dist.print0(f"samples (left: 1 step, right: {len(self.cfg.sample.ts) - 1} steps): "
+                        f"{path}")
+        dist.barrier()
+
+
+def training_loop(cfg: Config, run_dir: str) -> int:
+    """Train (or resume) ``cfg`` in ``run_dir``; return the exit code."""
+    try:
+        return Trainer(cfg, run_dir).run()
+    finally:
+        dist.shutdown()
