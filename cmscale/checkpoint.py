@@ -1,0 +1,652 @@
+"""Sharded checkpoints that resume: save, load_latest, keep_last.
+
+On disk (progress is counted in images seen, STYLE.md)::
+
+    RUN_DIR/checkpoints/nimg-000000012800/
+        __0_0.distcp  __1_0.distcp ...   tensor data, one file per rank (DCP)
+        .metadata                         DCP's index of keys, shapes and chunks
+        commit.json                       our marker: written last, see below
+
+A checkpoint *counts* only once ``commit.json`` exists. ``save`` writes it on rank
+0 after every rank's data is written and fsync'ed (a barrier), via a temporary file
+and ``os.replace``, so a job killed at any moment leaves either a complete
+checkpoint or a directory without marker, which ``load_latest`` skips with a warning
+and ``keep_last`` deletes once a newer complete checkpoint exists. The marker holds
+JSON: the caller's ``meta`` (``nimg`` required, e.g. ``step``) plus ``world_size``,
+``time`` (UTC, ISO 8601), ``unix_time``, ``torch_version`` and ``format``.
+
+What goes into ``state`` (a dict, possibly nested; the same keys on every rank):
+
+- objects with ``state_dict()``/``load_state_dict()`` (``torch.distributed
+  .checkpoint.stateful.Stateful``), e.g. ``nn.Module``; they are restored by
+  calling ``load_state_dict``. For a model with its optimizer use
+  ``ModelOptimizer(net, opt)``: it goes through DCP's ``get_state_dict``/
+  ``set_state_dict``, which key the optimizer state by parameter name, strip
+  DDP's ``module.`` prefix and create Adam's lazy state before loading into it;
+- tensors: restored in place (``copy_`` into the given tensor). A plain tensor is
+  treated as *replicated*: rank 0's copy is saved and every rank loads it;
+- Python values (numbers, strings, lists, None): replaced in their dict by the
+  saved value;
+- ``FlatShard(local, numel)``: this rank's slice of a 1-D tensor of ``numel``
+  elements, partitioned by ``shard_range`` (the sharded EMAs). Restored in place,
+  resharded when the world size changed;
+- ``PerRank(tensor)``: a value each rank has its own copy of (RNG states); see
+  ``RNGState``. Restored in place only at the saved world size, else left alone.
+
+How resharding works: a ``FlatShard`` is saved as a ``DTensor`` with placement
+``Shard(0)`` on a 1-D ``DeviceMesh`` over all ranks, whose global shape is
+``(numel,)``. DCP records each rank's chunk as (offset, length) of that global
+tensor. On load, each rank asks for the range ``shard_range(numel, rank, world)``
+of the *current* world, and DCP reads the overlapping parts of whichever saved
+chunks cover it. Without a process group (a single process) the target is a plain
+tensor of the full length, i.e. the one chunk (0, numel); so 2 -> 1, 1 -> 2 and
+W -> W' all work. ``shard_range`` is exactly DTensor's ``Shard(0)`` split
+(``torch.chunk``: ceil(numel / W) per rank, the last ranks shorter or empty).
+
+Safety: nothing here unpickles code. DCP stores non-tensor values with
+``torch.save``; we load them with ``weights_only=True`` (DCP's own planner uses
+``weights_only=False``), and DCP's ``.metadata`` index, a plain pickle, is read by
+an unpickler that accepts only DCP's metadata classes, ``torch.Size`` and dtypes.
+
+DCP quirks handled here: without a process group ``dcp.save``/``dcp.load`` work
+as a single process but warn each call (silenced, we pass ``no_dist`` ourselves);
+``DeviceMesh`` needs a process group, so a world-size-1 run without one saves plain
+tensors (the same on-disk layout as a DTensor on one rank). DCP reports failures
+as ``CheckpointException``, a ``BaseException`` that ``except Exception`` misses;
+``save``/``load`` re-raise it as ``RuntimeError`` (all ranks raise, none hangs).
+Plain tensors are deduplicated across ranks and their writing spread over ranks,
+so every rank's file is needed even for replicated state.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import os
+import pathlib
+import pickle
+import re
+import shutil
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from cmscale import dist
+
+__all__ = [
+    "MARKER",
+    "CheckpointInfo",
+    "FlatShard",
+    "ModelOptimizer",
+    "PerRank",
+    "RNGState",
+    "checkpoint_path",
+    "keep_last",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load",
+    "load_latest",
+    "save",
+    "shard_range",
+]
+
+MARKER = "commit.json"
+FORMAT = 1
+_SUBDIR = "checkpoints"
+_NAME = re.compile(r"nimg-(\d+)")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, nimg: int) -> pathlib.Path:
+    """Directory of the checkpoint taken after ``nimg`` training images."""
+    return pathlib.Path(run_dir) / _SUBDIR / f"nimg-{int(nimg):012d}"
+
+
+# ----------------------------------------------------------------------------
+# What can be put into a state
+
+
+def shard_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of the elements of a flat tensor of ``numel`` owned by ``rank``.
+
+    Every rank gets ``c = ceil(numel / world_size)`` elements, cut at ``numel``:
+    rank r owns ``[min(r*c, numel), min((r+1)*c, numel))``. This is DTensor's
+    ``Shard(0)`` split, which is what lets DCP reshard. A sharded EMA keeps a
+    padded buffer of ``c`` elements per rank (equal sizes suit ``all_gather``);
+    only the first ``stop - start`` of them are real.
+    """
+    c = -(-numel // world_size)
+    return min(rank * c, numel), min((rank + 1) * c, numel)
+
+
+class FlatShard:
+    """This rank's slice of a 1-D tensor of ``numel`` elements (see ``shard_range``).
+
+    ``local`` is a 1-D tensor with at least ``stop - start`` elements for the
+    current rank and world size; the first ``stop - start`` are saved and loaded in
+    place, the rest (padding) is left alone. On load, the world size of the run that
+    saved may differ: the slice is read from whichever saved slices overlap it.
+    """
+
+    def __init__(self, local: torch.Tensor, numel: int):
+        start, stop = shard_range(numel, dist.get_rank(), dist.get_world_size())
+        if local.dim() != 1 or not local.is_contiguous() or local.numel() < stop - start:
+            raise ValueError(
+                f"FlatShard needs a contiguous 1-D tensor of >= {stop - start} elements for rank "
+                f"{dist.get_rank()} of {dist.get_world_size()} (numel={numel}), "
+                f"got shape {tuple(local.shape)}"
+            )
+        self.local = local
+        self.numel = int(numel)
+        self.start, self.stop = start, stop
+
+    @property
+    def view(self) -> torch.Tensor:
+        """The real (unpadded) part of ``local``; shares its storage."""
+        return self.local[: self.stop - self.start]
+
+
+class PerRank:
+    """A tensor of which each rank has its own value (e.g. an RNG state).
+
+    Saved as row ``rank`` of a ``(world_size, *tensor.shape)`` tensor, so the shape
+    must be the same on every rank. Restored in place when the checkpoint was written
+    with the current world size; otherwise there is no meaningful owner for each row
+    and the tensor is left unchanged (``load`` warns).
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class ModelOptimizer:
+    """Stateful for a model and (optionally) its optimizer, via DCP's state_dict helpers.
+
+    ``get_state_dict``/``set_state_dict`` key optimizer state by parameter name
+    instead of position, strip wrapper prefixes (DDP's ``module.``, compile's
+    ``_orig_mod.``), and initialise lazy optimizer state (Adam's moments) before a
+    load, so a fresh optimizer is restored completely. Pass the plain ``net``
+    (STYLE.md, principle 7); a DDP-wrapped one gives the same keys.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model)}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state_dict["model"])
+        else:
+            set_state_dict(
+                self.model, self.optimizer,
+                model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"],
+            )
+
+
+class RNGState:
+    """Stateful for this rank's torch CPU (and current CUDA device) generator states.
+
+    Saved per rank (``PerRank``): restored only at the same world size. Training
+    code that derives its randomness from (seed, rank, images seen) does not need it.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = {"cpu": PerRank(torch.get_rng_state())}
+        if torch.cuda.is_available():
+            sd["cuda"] = PerRank(torch.cuda.get_rng_state())
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["cpu"].tensor)
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda"].tensor)
+
+
+# ----------------------------------------------------------------------------
+# Translation between our state and the flat dict of (D)Tensors DCP understands
+
+_meshes: dict[str, tuple[Any, Any]] = {}  # device type -> (process group, mesh)
+
+
+def _mesh(device_type: str):
+    # One 1-D mesh over the whole world per device type, built on the default group;
+    # rebuilt if that group was destroyed and re-created (tests, restarts in-process).
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world_group = tdist.group.WORLD
+    cached = _meshes.get(device_type)
+    if cached is None or cached[0] is not world_group:
+        cached = (world_group, init_device_mesh(device_type, (tdist.get_world_size(),)))
+        _meshes[device_type] = cached
+    return cached[1]
+
+
+def _as_dtensor(local: torch.Tensor, global_shape: tuple[int, ...]):
+    from torch.distributed.tensor import DTensor, Shard
+
+    # from_local keeps `local`'s storage (a view), so DCP's load writes in place.
+    return DTensor.from_local(
+        local, _mesh(local.device.type), [Shard(0)], run_check=False,
+        shape=torch.Size(global_shape), stride=_contiguous_stride(global_shape),
+    )
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= n
+    return tuple(reversed(stride))
+
+
+_SKIP = object()  # marks a PerRank not to be loaded (world size changed)
+
+
+class _FromStateful(dict):
+    """DCP view of a Stateful's state_dict, remembering whom to hand it back to."""
+
+    def __init__(self, items: dict, owner: Any, user_sd: Any):
+        super().__init__(items)
+        self.owner, self.user_sd = owner, user_sd
+
+
+def _to_dcp(obj: Any, saved_world: int | None, skipped: list | None = None) -> Any:
+    """Our state -> the nested dict of tensors, DTensors and values DCP sees.
+
+    ``saved_world`` is the world size of the checkpoint when loading, None when
+    saving. Tensors in the result share storage with ours, so DCP's in-place load
+    fills ours. PerRank entries left out because the world size changed are
+    appended to ``skipped``.
+    """
+    if isinstance(obj, FlatShard):
+        if not dist.is_initialized():
+            return obj.view  # one process owns everything: the chunk (0, numel)
+        return _as_dtensor(obj.view, (obj.numel,))
+    if isinstance(obj, PerRank):
+        world = dist.get_world_size()
+        if saved_world is not None and saved_world != world:
+            if skipped is not None:
+                skipped.append(obj)
+            return _SKIP
+        row = obj.tensor.unsqueeze(0)  # a view of obj.tensor
+        if not dist.is_initialized():
+            return row
+        return _as_dtensor(row, (world, *obj.tensor.shape))
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"checkpoint state keys must be str, got {key!r}")
+            converted = _to_dcp(value, saved_world, skipped)
+            if converted is not _SKIP:
+                out[key] = converted
+        return out
+    if isinstance(obj, Stateful) and not isinstance(obj, torch.Tensor):
+        user_sd = obj.state_dict()
+        return _FromStateful(_to_dcp(user_sd, saved_world, skipped), obj, user_sd)
+    return obj
+
+
+def _fill(ours: Any, loaded: Any) -> Any:
+    """Put DCP's result ``loaded`` for ``_to_dcp(ours)`` back into ``ours``.
+
+    Returns what should stand where ``ours`` stood: ``ours`` itself for containers,
+    tensors and shards (filled in place), the loaded object for Python values.
+    """
+    if isinstance(loaded, _FromStateful):
+        loaded.owner.load_state_dict(_fill(loaded.user_sd, dict(loaded)))
+        return ours
+    if isinstance(ours, (FlatShard, PerRank)):
+        return ours  # DCP wrote into a view of their storage (or skipped a PerRank)
+    if isinstance(ours, torch.Tensor):
+        if loaded is not ours:  # DCP loads in place; copy in case a version did not
+            ours.copy_(loaded)
+        return ours
+    if isinstance(ours, dict):
+        for key in ours:
+            if key in loaded:
+                ours[key] = _fill(ours[key], loaded[key])
+        return ours
+    return loaded
+
+
+# ----------------------------------------------------------------------------
+# Safe reading: no code is unpickled
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler for DCP's ``.metadata``: its dataclasses, torch.Size, dtypes, paths."""
+
+    _ALLOWED = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch.distributed.checkpoint.metadata":  # dataclasses and enums
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):
+                return obj
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which is not allowed"
+        )
+
+
+class _SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata is read by ``_SafeUnpickler``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        # `rank` asks for the per-rank index of DCP's no-collectives format, which
+        # DCP tries when the global one fails; we never write it, so it is absent.
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        with open(os.path.join(self.path, name), "rb") as f:
+            metadata = _SafeUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that unpickles non-tensor values with ``weights_only=True``.
+
+    Same as DefaultLoadPlanner.load_bytes (which passes ``weights_only=False``)
+    otherwise: the value goes to its place in the nested state.
+    """
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+# ----------------------------------------------------------------------------
+# Listing
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """One ``nimg-*`` directory. ``meta`` is the marker's JSON when ``complete``."""
+
+    path: pathlib.Path
+    nimg: int
+    complete: bool
+    meta: dict[str, Any] | None
+
+
+def _read_marker(path: pathlib.Path) -> dict[str, Any] | None:
+    try:
+        with open(path / MARKER) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        # os.replace makes a torn marker impossible; this is damage from outside.
+        warnings.warn(f"unreadable checkpoint marker {path / MARKER}: {e}; ignoring {path}")
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointInfo]:
+    """All checkpoint directories of ``run_dir``, complete or not, oldest first."""
+    root = pathlib.Path(run_dir) / _SUBDIR
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _NAME.fullmatch(entry.name)
+        if m is None or not entry.is_dir():
+            continue
+        meta = _read_marker(entry)
+        found.append(CheckpointInfo(entry, int(m.group(1)), meta is not None, meta))
+    return sorted(found, key=lambda c: c.nimg)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, *, warn: bool = True) -> CheckpointInfo | None:
+    """The newest complete checkpoint, or None. Warns about newer incomplete ones.
+
+    Reads the file system; collective callers should use ``load_latest``, which
+    decides on rank 0 and broadcasts so that all ranks load the same checkpoint.
+    """
+    ckpts = list_checkpoints(run_dir)
+    complete = [c for c in ckpts if c.complete]
+    latest = complete[-1] if complete else None
+    if warn:
+        for c in ckpts:
+            if not c.complete and (latest is None or c.nimg > latest.nimg):
+                warnings.warn(
+                    f"skipping incomplete checkpoint {c.path} (no {MARKER}: the job "
+                    f"writing it was stopped, or it is still being written)"
+                )
+    return latest
+
+
+# ----------------------------------------------------------------------------
+# Save
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_marker(path: pathlib.Path, meta: dict[str, Any]) -> None:
+    # temp + fsync + rename + fsync(dir): the marker is either absent or whole,
+    # and it survives a crash of the machine once save() has returned.
+    tmp = path / (MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MARKER)
+    _fsync_dir(path)
+
+
+@contextlib.contextmanager
+def _calling_dcp(what: str, path: pathlib.Path):
+    # DCP warns on every call without a process group; that is our single-process
+    # case by design. Checkpoint directories are always fresh, so the "overwriting"
+    # warning of older defaults is noise too.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
+        try:
+            yield
+        except CheckpointException as e:
+            # DCP's CheckpointException derives from BaseException, so `except
+            # Exception` would not see it; it also carries every rank's traceback.
+            raise RuntimeError(f"checkpoint {what} failed for {path}:\n{e}") from e
+
+
+def _prepare_dir(path: pathlib.Path) -> str:
+    """Rank 0: "exists" for a complete checkpoint, else an empty directory and "write"."""
+    if (path / MARKER).exists():
+        warnings.warn(f"checkpoint {path} already exists; not overwritten")
+        return "exists"
+    if path.exists():
+        warnings.warn(f"replacing incomplete checkpoint {path}")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return "write"
+
+
+def save(run_dir: str | os.PathLike, state: dict[str, Any], meta: dict[str, Any]) -> pathlib.Path:
+    """Write ``state`` as the checkpoint ``nimg-{meta['nimg']}``; return its directory.
+
+    Collective: every rank calls it with the same keys. ``meta`` must be a JSON
+    object with an integer ``nimg`` (training images seen); it is stored in the
+    marker together with ``world_size``, ``time``, ``unix_time``, ``torch_version``
+    and ``format``. If a complete checkpoint with this ``nimg`` exists, nothing is
+    written (same progress, same state: e.g. a preemption right after a periodic
+    save) and a warning is given. A directory with this ``nimg`` but no marker is a
+    leftover of a killed job and is replaced. Returns once the marker is durable on
+    every rank's behalf, so a rank may exit right after.
+    """
+    record = dict(meta)
+    nimg = int(record["nimg"])
+    record.update(
+        nimg=nimg, world_size=dist.get_world_size(), format=FORMAT,
+        time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        unix_time=time.time(), torch_version=torch.__version__,
+    )
+    json.dumps(record)  # fail before writing anything if meta is not JSON
+    path = checkpoint_path(run_dir, nimg)
+
+    decision = None
+    if dist.is_main():
+        try:
+            decision = _prepare_dir(path)
+        except OSError as e:  # tell the other ranks instead of leaving them waiting
+            decision = f"cannot prepare {path}: {e}"
+    # Rank 0 decides for all (no rank races a slow file system's view), and the
+    # broadcast also orders the mkdir before any rank writes.
+    decision = dist.broadcast_object(decision)
+    if decision == "exists":
+        return path
+    if decision != "write":
+        raise RuntimeError(decision)
+
+    with _calling_dcp("save", path):
+        dcp.save(
+            _to_dcp(state, saved_world=None),
+            storage_writer=FileSystemWriter(path, sync_files=True),
+            no_dist=not dist.is_initialized(),
+        )
+    dist.barrier()  # every rank's shard is on disk before the marker says so
+    if dist.is_main():
+        _write_marker(path, record)
+    # Nobody returns before the marker exists: a rank that exits (EXIT_REQUEUE) makes
+    # torchrun/srun kill the others, and rank 0 must not be killed mid-marker.
+    dist.barrier()
+    return path
+
+
+# ----------------------------------------------------------------------------
+# Load
+
+
+def load(path: str | os.PathLike, state: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
+    """Restore ``state`` in place from the complete checkpoint at ``path``; return its meta.
+
+    Collective. See the module docstring for how each kind of entry is restored.
+    ``strict``: every key of ``state`` must be in the checkpoint (extra keys in the
+    checkpoint are always fine). Raises FileNotFoundError for a directory without
+    marker.
+    """
+    path = pathlib.Path(path)
+    meta = _read_marker(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER})")
+    saved_world = int(meta.get("world_size", 1))
+    skipped: list = []
+    dcp_state = _to_dcp(state, saved_world, skipped)
+    if skipped and dist.is_main():
+        warnings.warn(
+            f"checkpoint {path} was written by {saved_world} ranks, this run has "
+            f"{dist.get_world_size()}: {len(skipped)} per-rank entries (e.g. RNG "
+            f"states) are not restored"
+        )
+    with _calling_dcp("load", path):
+        dcp.load(
+            dcp_state,
+            storage_reader=_SafeReader(path),
+            planner=_SafeLoadPlanner(allow_partial_load=not strict),
+            no_dist=not dist.is_initialized(),
+        )
+    _fill(state, dcp_state)
+    return meta
+
+
+def load_latest(run_dir: str | os.PathLike, state: dict[str, Any], *, strict: bool = True) -> dict[str, Any] | None:
+    """Restore ``state`` from the newest complete checkpoint of ``run_dir``.
+
+    Collective. Returns that checkpoint's marker metadata (``nimg``, ``world_size``,
+    the caller's fields...) or None, leaving ``state`` untouched, when there is none.
+    Newer directories without marker are skipped with a warning. Rank 0 chooses and
+    broadcasts the choice, so all ranks load the same checkpoint.
+    """
+    choice = None
+    if dist.is_main():
+        latest = latest_checkpoint(run_dir)
+        choice = None if latest is None else str(latest.path)
+    choice = dist.broadcast_object(choice)
+    if choice is None:
+        return None
+    return load(choice, state, strict=strict)
+
+
+# ----------------------------------------------------------------------------
+# Pruning
+
+
+def keep_last(run_dir: str | os.PathLike, k: int) -> list[pathlib.Path]:
+    """Delete all but the ``k`` newest complete checkpoints; return what was deleted.
+
+    Also deletes incomplete directories *older* than the newest complete checkpoint
+    (leftovers of killed jobs). Never deletes the newest complete checkpoint
+    (``k >= 1`` is enforced) nor an incomplete one newer than it, which a live job
+    may still be writing. Runs on rank 0 only (other ranks return []), so call it
+    after ``save`` on every rank or on rank 0 alone. The marker is removed first, so
+    a kill during deletion leaves a directory that is ignored, never a marker over
+    missing files.
+    """
+    if k < 1:
+        raise ValueError(f"keep_last needs k >= 1, got {k}")
+    if not dist.is_main():
+        return []
+    ckpts = list_checkpoints(run_dir)
+    complete = [c for c in ckpts if c.complete]
+    if not complete:
+        return []
+    keep = {c.path for c in complete[-k:]}
+    newest = complete[-1].nimg
+    deleted = []
+    for c in ckpts:
+        if c.path in keep or (not c.complete and c.nimg >= newest):
+            continue
+        marker = c.path / MARKER
+        if marker.exists():
+            marker.unlink()
+            _fsync_dir(c.path)
+        shutil.rmtree(c.path, ignore_errors=True)
+        deleted.append(c.path)
+    return deleted

@@ -1,0 +1,275 @@
+"""cmscale.checkpoint: layout, commit marker, resume bit for bit, resharding, pruning."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from cmscale import checkpoint as ck
+from tests import _dist_worker, _launch
+
+
+def _net(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+def _trained(seed=0, steps=2):
+    net = _net(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        net(torch.randn(5, 3, generator=g)).square().mean().backward()
+        opt.step()
+    return net, opt
+
+
+def _state(net, opt, ema, nimg=0):
+    return {
+        "net": ck.ModelOptimizer(net, opt),
+        "ema": {"0.999": ck.FlatShard(ema, 7)},
+        "train": {"nimg": nimg, "tag": "x", "history": [1.5, 2.5]},
+        "sigma": torch.tensor([0.002, 80.0], dtype=torch.float64),
+        "rng": ck.RNGState(),
+    }
+
+
+def _save_simple(run_dir, nimg, value=1.0):
+    return ck.save(run_dir, {"x": torch.full((3,), float(value))}, {"nimg": nimg})
+
+
+def _load_simple(run_dir):
+    state = {"x": torch.zeros(3)}
+    meta = ck.load_latest(run_dir, state)
+    return meta, state["x"]
+
+
+def _write_partial(run_dir, nimg, monkeypatch):
+    """A checkpoint whose job died after writing the data, before the marker."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the marker")
+
+    with monkeypatch.context() as m:
+        m.setattr(ck, "_write_marker", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _save_simple(run_dir, nimg, value=99.0)
+    return ck.checkpoint_path(run_dir, nimg)
+
+
+# ----------------------------------------------------------------------------
+# Single process
+
+
+@pytest.mark.parametrize("numel", [0, 1, 5, 7, 147, 1000])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_shard_range_is_dtensor_split(numel, world):
+    from torch.distributed.tensor import Shard
+
+    covered = []
+    for r in range(world):
+        start, stop = ck.shard_range(numel, r, world)
+        size, offset = Shard.local_shard_size_and_offset(numel, world, r)
+        assert (stop - start) == size
+        if size:
+            assert start == offset
+        covered.extend(range(start, stop))
+    assert covered == list(range(numel))
+
+
+def test_roundtrip_single_process_in_place(tmp_path):
+    net, opt = _trained(0)
+    ema = torch.arange(7.0)
+    torch.manual_seed(123)
+    path = ck.save(tmp_path, _state(net, opt, ema, nimg=640), {"nimg": 640, "step": 2})
+    draw = torch.rand(3)  # what the saved RNG stream gives next
+
+    assert path == tmp_path / "checkpoints" / "nimg-000000000640"
+    assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", "commit.json"]
+    marker = json.loads((path / "commit.json").read_text())
+    assert {k: marker[k] for k in ("nimg", "step", "world_size", "format")} == \
+        {"nimg": 640, "step": 2, "world_size": 1, "format": 1}
+    assert "time" in marker and "unix_time" in marker
+
+    net2 = _net(1)
+    opt2 = torch.optim.AdamW(net2.parameters(), lr=0.5)  # fresh: no Adam moments yet
+    ema2 = torch.full((9,), -1.0)  # padded buffer; only the first 7 are the shard
+    state = _state(net2, opt2, ema2)
+    sigma = state["sigma"]
+    state["sigma"] = sigma.zero_()
+    torch.manual_seed(999)
+    meta = ck.load_latest(tmp_path, state)
+
+    assert meta == marker
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]  # lr 0.01 restored over 0.5
+    for i in s1["state"]:
+        for name in s1["state"][i]:
+            assert torch.equal(s1["state"][i][name], s2["state"][i][name])
+    assert torch.equal(ema2[:7], ema) and torch.all(ema2[7:] == -1)  # in place, padding kept
+    assert state["train"] == {"nimg": 640, "tag": "x", "history": [1.5, 2.5]}
+    assert state["sigma"] is sigma and torch.equal(sigma, torch.tensor([0.002, 80.0], dtype=torch.float64))
+    assert torch.equal(torch.rand(3), draw)
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    net, opt = _trained(0, steps=2)
+    ck.save(tmp_path, {"net": ck.ModelOptimizer(net, opt)}, {"nimg": 10})
+    net_b = _net(5)
+    opt_b = torch.optim.AdamW(net_b.parameters(), lr=1e-2)
+    ck.load_latest(tmp_path, {"net": ck.ModelOptimizer(net_b, opt_b)})
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(7))
+    for n, o in ((net, opt), (net_b, opt_b)):
+        o.zero_grad()
+        n(x).square().mean().backward()
+        o.step()
+    for a, b in zip(net.parameters(), net_b.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_load_latest_without_checkpoints(tmp_path):
+    state = {"x": torch.ones(2)}
+    assert ck.load_latest(tmp_path / "nothing", state) is None
+    assert torch.equal(state["x"], torch.ones(2))
+    assert ck.list_checkpoints(tmp_path) == []
+
+
+def test_partial_checkpoint_is_ignored_and_previous_loaded(tmp_path, monkeypatch):
+    _save_simple(tmp_path, 10, value=1.0)
+    partial = _write_partial(tmp_path, 20, monkeypatch)
+    assert (partial / ".metadata").exists() and not (partial / ck.MARKER).exists()
+    # A torn copy too: data files truncated, no marker.
+    torn = ck.checkpoint_path(tmp_path, 30)
+    shutil.copytree(ck.checkpoint_path(tmp_path, 10), torn)
+    (torn / ck.MARKER).unlink()
+    for f in torn.iterdir():
+        f.write_bytes(f.read_bytes()[:10])
+
+    infos = ck.list_checkpoints(tmp_path)
+    assert [(c.nimg, c.complete) for c in infos] == [(10, True), (20, False), (30, False)]
+    with pytest.warns(UserWarning, match="incomplete checkpoint") as record:
+        meta, x = _load_simple(tmp_path)
+    assert len(record) == 2
+    assert meta["nimg"] == 10 and torch.equal(x, torch.ones(3))
+
+
+def test_save_replaces_leftover_and_skips_existing(tmp_path, monkeypatch):
+    _write_partial(tmp_path, 20, monkeypatch)
+    path = ck.checkpoint_path(tmp_path, 20)
+    (path / "junk").write_text("from a killed job")
+    with pytest.warns(UserWarning, match="replacing incomplete"):
+        _save_simple(tmp_path, 20, value=2.0)
+    assert not (path / "junk").exists()
+    with pytest.warns(UserWarning, match="already exists"):
+        _save_simple(tmp_path, 20, value=3.0)  # same progress: kept as it was
+    meta, x = _load_simple(tmp_path)
+    assert meta["nimg"] == 20 and torch.equal(x, torch.full((3,), 2.0))
+
+
+def test_keep_last(tmp_path, monkeypatch):
+    for nimg in (10, 20, 30, 40):
+        _save_simple(tmp_path, nimg, value=nimg)
+    old_partial = _write_partial(tmp_path, 25, monkeypatch)
+    live_partial = _write_partial(tmp_path, 50, monkeypatch)  # maybe still being written
+
+    deleted = ck.keep_last(tmp_path, 2)
+    assert sorted(deleted) == sorted(ck.checkpoint_path(tmp_path, n) for n in (10, 20, 25))
+    assert not old_partial.exists() and live_partial.exists()
+    assert [(c.nimg, c.complete) for c in ck.list_checkpoints(tmp_path)] == \
+        [(30, True), (40, True), (50, False)]
+    assert ck.keep_last(tmp_path, 1) == [ck.checkpoint_path(tmp_path, 30)]
+    with pytest.raises(ValueError):
+        ck.keep_last(tmp_path, 0)
+    with pytest.warns(UserWarning):
+        assert _load_simple(tmp_path)[0]["nimg"] == 40
+
+
+def test_strict_load(tmp_path):
+    _save_simple(tmp_path, 1)
+    with pytest.raises(Exception, match="Missing key"):
+        ck.load_latest(tmp_path, {"x": torch.zeros(3), "y": torch.zeros(1)})
+    y = torch.zeros(1)
+    ck.load_latest(tmp_path, {"x": torch.zeros(3), "y": y}, strict=False)
+    assert torch.equal(y, torch.zeros(1))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/cmscale-pwned",))
+
+
+class _Custom:
+    pass
+
+
+def test_metadata_with_code_is_refused(tmp_path):
+    path = _save_simple(tmp_path, 1)
+    (path / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(RuntimeError, match="posix.system, which is not allowed"):
+        _load_simple(tmp_path)
+    assert not os.path.exists("/tmp/cmscale-pwned")
+
+
+def test_values_are_loaded_weights_only(tmp_path):
+    path = ck.checkpoint_path(tmp_path, 1)
+    ck.save(tmp_path, {"obj": _Custom()}, {"nimg": 1})  # arbitrary objects can be saved...
+    with pytest.raises(Exception, match="[Ww]eights.only"):
+        ck.load(path, {"obj": None})  # ...but are never unpickled as code
+
+
+# ----------------------------------------------------------------------------
+# Two processes
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """A checkpoint saved by a real `torchrun --standalone --nproc_per_node=2`."""
+    out = tmp_path_factory.mktemp("two_rank")
+    # For the 1 -> 2 case in the worker's load scenario: one process, one flat EMA.
+    ck.save(out / "run1", {"ema": ck.FlatShard(_dist_worker.one_rank_ema(147), 147)}, {"nimg": 8})
+    proc = _launch.run_command(_launch.torchrun_cmd("save", out))
+    results = _launch.wait([proc], 2, out)
+    assert [(r["launcher"], r["rank"], r["world_size"]) for r in results] == \
+        [("torchrun", 0, 2), ("torchrun", 1, 2)]
+    for r in range(2):
+        (out / f"result-rank{r}.json").unlink()
+    return out
+
+
+@pytest.mark.dist
+def test_two_ranks_load_bitwise_and_reshard_one_to_two(two_rank_run):
+    procs = _launch.start_ranks("load", two_rank_run, _launch.torchrun_env(2, _launch.free_port()))
+    results = _launch.wait(procs, 2, two_rank_run)  # the worker asserts bit equality
+    assert results[0]["meta"]["nimg"] == _dist_worker.SAVE_NIMG
+
+
+@pytest.mark.dist
+def test_two_rank_checkpoint_loads_into_one_process(two_rank_run):
+    exp = [torch.load(two_rank_run / f"expect-rank{r}.pt", weights_only=True) for r in range(2)]
+    numel = 147
+    net = _dist_worker.make_net(3)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    ema = torch.zeros(numel)
+    rng = torch.get_rng_state()
+    state = _dist_worker.build_state(net, opt, ema, numel, {"nimg": 0, "step": 0, "note": None})
+    with pytest.warns(UserWarning, match="per-rank entries"):
+        meta = ck.load_latest(two_rank_run / "run", state)
+    assert meta["world_size"] == 2 and meta["nimg"] == _dist_worker.SAVE_NIMG
+    # The EMA, saved as two uneven shards (74 + 73), is one flat tensor here.
+    sizes = [stop - start for start, stop in (ck.shard_range(numel, r, 2) for r in range(2))]
+    assert sizes == [74, 73]
+    full = torch.cat([exp[r]["ema"][: sizes[r]] for r in range(2)])
+    assert torch.equal(ema, full)
+    for k, v in net.state_dict().items():  # replicated state: the same as any rank's
+        assert torch.equal(v, exp[0]["params"][k])
+    for i, s in exp[0]["opt"]["state"].items():
+        for name, t in s.items():
+            assert torch.equal(opt.state_dict()["state"][i][name], t)
+    assert state["train"] == {"nimg": _dist_worker.SAVE_NIMG, "step": 2, "note": "after 2 steps"}
+    assert torch.equal(torch.get_rng_state(), rng)  # per-rank RNG: not restored across sizes
