@@ -30,6 +30,9 @@ class DataConfig:
     num_workers: int = 1                     # DataLoader workers per rank
     random_flip: bool = True                 # horizontal flips (seeded per sample)
     bad_input: str = "skip"                  # convert | skip | raise (corrupt/odd images)
+    # Data streams the global batch is split into (0 = one per rank). Fix it (e.g. 8) and the
+    # data order, noise and so the run are independent of the number of ranks dividing it.
+    streams: int = 0
 
 
 @dataclass
@@ -239,6 +242,7 @@ def validate(cfg: Config) -> Config:
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("data.resolution", cfg.data.resolution > 0, "must be > 0"),
         ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
+        ("data.streams", cfg.data.streams >= 0, "must be >= 0"),
         ("net.sigma_min", 0 < cfg.net.sigma_min < cfg.net.sigma_max, "need 0 < min < max"),
         ("loss.start_scales", cfg.loss.start_scales >= 1, "must be >= 1"),
         ("loss.end_scales", cfg.loss.end_scales >= cfg.loss.start_scales, "must be >= s0"),

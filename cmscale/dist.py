@@ -493,6 +493,29 @@ def all_reduce_mean(value):
     return total / world
 
 
+def sum_counts(counts: dict) -> dict:
+    """Sum dicts of counters (e.g. bad-input counts) over ranks; keys may differ per rank."""
+    if not is_initialized() or get_world_size() == 1:
+        return dict(counts)
+    gathered: list = [None] * get_world_size()
+    tdist.all_gather_object(gathered, dict(counts))
+    total: dict = {}
+    for c in gathered:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+def all_gather_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenation of every rank's equally sized 1-D ``tensor``, in rank order."""
+    if not is_initialized() or get_world_size() == 1:
+        return tensor
+    moved = tensor.to(_comm_device(tensor.device))
+    parts = [torch.empty_like(moved) for _ in range(get_world_size())]
+    tdist.all_gather(parts, moved)
+    return torch.cat(parts).to(tensor.device)
+
+
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite ``tensor`` in place with rank ``src``'s values; returns it."""
     if is_initialized():

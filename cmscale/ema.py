@@ -120,14 +120,10 @@ class ShardedAverage:
     @torch.no_grad()
     def gather(self, into: nn.Module) -> nn.Module:
         """Write the whole average into ``into``'s parameters (collective when W > 1)."""
-        from torch import distributed as tdist
+        from . import dist
 
-        if self.world_size > 1:
-            parts = [torch.empty_like(self.local) for _ in range(self.world_size)]
-            tdist.all_gather(parts, self.local)
-            flat = torch.cat(parts)[: self.numel]
-        else:
-            flat = self.local[: self.numel]
+        flat = (dist.all_gather_flat(self.local) if self.world_size > 1 else self.local)
+        flat = flat[: self.numel]
         offset = 0
         for p in into.parameters():
             p.copy_(flat[offset:offset + p.numel()].view_as(p))

@@ -5,8 +5,10 @@ Data flows one way: config -> data -> network + preconditioning -> loss -> optim
 checkpoint.
 
 Progress is counted in optimizer steps of the global batch; images seen = step x global
-batch. Randomness of a step (noise, pair indices, dropout) is derived from (seed, rank, step,
-micro-batch) and not saved, so a resumed run draws what an uninterrupted one would have.
+batch. Randomness of a step (noise, pair indices, dropout) is derived from (seed, step,
+position in the global batch) and not saved, so a resumed run draws what an uninterrupted one
+would have; with ``data.streams`` and ``train.micro_batch`` fixed, runs at different world
+sizes see the same data and the same noise (results then agree to float reduction order).
 
 Re-running the same command in the same run directory resumes from the newest complete
 checkpoint. On SIGUSR1/SIGUSR2/SIGTERM all ranks agree at the next step boundary, save a
@@ -44,9 +46,12 @@ from .weights import load_state_dict
 EXIT_NONFINITE = 65
 
 
-def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
-    """A 63-bit seed for the randomness of (run seed, rank, step, micro-batch)."""
-    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, np.uint32)
+def step_seed(seed: int, step: int, offset: int) -> int:
+    """A 63-bit seed for the micro-batch starting at global sample ``offset`` of ``step``.
+
+    Keyed by the position in the global batch, not by rank: with the same micro-batch size,
+    a sample gets the same noise, pair index and dropout at any world size."""
+    state = np.random.SeedSequence([seed, step, offset]).generate_state(2, np.uint32)
     return (int(state[0]) << 31 | int(state[1])) & ((1 << 63) - 1)
 
 
@@ -114,7 +119,13 @@ def learning_rate(cfg: Config, step: int) -> float:
     return cfg.optim.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.optim.lr
 
 
-def build_data(cfg: Config, info: dist.DistInfo, per_rank: int, nimg: int):
+def build_data(cfg: Config, info: dist.DistInfo, streams: int, nimg: int) -> list:
+    """This rank's loaders: streams ``r*k .. (r+1)*k - 1`` of ``streams`` (k = streams / W).
+
+    Each stream is a loader for "rank s of ``streams``" with ``global_batch / streams`` images
+    per step; a rank concatenates its k streams. The global batch is streams 0..D-1 in order,
+    whatever W is, so with ``data.streams`` fixed the data a step sees does not depend on the
+    number of ranks."""
     from .data import build_loader
     from .data.embedded import ensure_embedded_shards
 
@@ -126,24 +137,30 @@ def build_data(cfg: Config, info: dist.DistInfo, per_rank: int, nimg: int):
             shards = ensure_embedded_shards(name, resolution=cfg.data.resolution)
         dist.barrier()
         shards = ensure_embedded_shards(name, resolution=cfg.data.resolution)
-    return build_loader(
-        shards, batch_size_per_rank=per_rank, rank=info.rank, world_size=info.world_size,
-        seed=cfg.train.seed, num_workers=cfg.data.num_workers, start_images=nimg,
-        resolution=cfg.data.resolution, class_cond=cfg.data.class_cond,
+    k = streams // info.world_size
+    return [build_loader(
+        shards, batch_size_per_rank=cfg.train.global_batch // streams, rank=s,
+        world_size=streams, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+        start_images=nimg, resolution=cfg.data.resolution, class_cond=cfg.data.class_cond,
         random_flip=cfg.data.random_flip, bad_input=cfg.data.bad_input)
+        for s in range(info.rank * k, (info.rank + 1) * k)]
 
 
-def batch_split(cfg: Config, world: int) -> tuple[int, int, int]:
-    """(per-rank batch, micro-batch, accumulation steps) for the global batch at ``world``."""
+def batch_split(cfg: Config, world: int) -> tuple[int, int, int, int]:
+    """(data streams, per-rank batch, micro-batch, accumulation steps) at ``world`` ranks."""
     gb = cfg.train.global_batch
-    if gb % world:
-        raise ValueError(f"train.global_batch={gb} is not divisible by the world size {world}")
+    streams = cfg.data.streams or world
+    if streams % world:
+        raise ValueError(f"data.streams={streams} is not divisible by the world size {world}")
+    if gb % streams:
+        raise ValueError(f"train.global_batch={gb} is not divisible into {streams} data "
+                         f"streams (data.streams, default one per rank)")
     per_rank = gb // world
     micro = cfg.train.micro_batch or per_rank
     if per_rank % micro:
         raise ValueError(f"train.micro_batch={micro} does not divide the per-rank batch "
                          f"{per_rank} (global {gb} over {world} ranks)")
-    return per_rank, micro, per_rank // micro
+    return streams, per_rank, micro, per_rank // micro
 
 
 # ----------------------------------------------------------------------------- logging
@@ -273,7 +290,8 @@ class Trainer:
         self.info = dist.init()
         self.device = self.info.device
         tc = cfg.train
-        self.per_rank, self.micro, self.accum = batch_split(cfg, self.info.world_size)
+        self.streams, self.per_rank, self.micro, self.accum = batch_split(cfg,
+                                                                           self.info.world_size)
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.net = build_net(cfg).to(self.device).train()
@@ -296,7 +314,13 @@ class Trainer:
             self.ddp = DDP(self.net, device_ids=ids, broadcast_buffers=False)
         self.step = 0
         self.nonfinite = 0  # consecutive skipped steps
-        self.data_positions = torch.zeros(max(1, cfg.data.num_workers), dtype=torch.int64)
+        # Reader positions of every stream's workers (replicated in the checkpoint), and the
+        # layout they belong to: they are only reused by a run with the same layout.
+        self.data_positions = torch.zeros(self.streams, max(1, cfg.data.num_workers),
+                                          dtype=torch.int64)
+        self.data_layout = [self.streams, max(1, cfg.data.num_workers),
+                            cfg.train.global_batch // self.streams]
+        self.saved_layout = None
 
     # -- checkpoint state ------------------------------------------------------------------
     def state(self) -> dict:
@@ -304,7 +328,8 @@ class Trainer:
             "model": checkpoint.ModelOptimizer(self.net, self.opt),
             "ema": {name: checkpoint.FlatShard(e.local, e.numel) for name, e in self.emas.items()},
             "train": {"step": self.step, "nonfinite": self.nonfinite},
-            "data": {"positions": checkpoint.PerRank(self.data_positions)},
+            # a plain list (not a tensor): its shape changes with the layout
+            "data": {"positions": self.data_positions.tolist(), "layout": self.data_layout},
         }
         if self.target is not None:
             s["target"] = self.target
@@ -314,8 +339,12 @@ class Trainer:
 
     def save(self, reason: str):
         nimg = self.step * self.cfg.train.global_batch
-        if hasattr(self, "loader"):
-            self.data_positions.copy_(torch.tensor(self.loader.state_dict()["positions"]))
+        if hasattr(self, "loaders"):
+            mine = torch.zeros_like(self.data_positions)
+            first = self.info.rank * len(self.loaders)
+            for i, loader in enumerate(self.loaders):
+                mine[first + i] = torch.tensor(loader.state_dict()["positions"])
+            self.data_positions.copy_(dist.all_reduce_sum(mine))
         state = self.state()
         path = checkpoint.save(self.run_dir, state, {"nimg": nimg, "step": self.step,
                                                      "reason": reason})
@@ -327,6 +356,9 @@ class Trainer:
         meta = checkpoint.load_latest(self.run_dir, state)
         if meta is None:
             return None
+        self.saved_layout = list(state["data"]["layout"])
+        if self.saved_layout == self.data_layout:
+            self.data_positions = torch.tensor(state["data"]["positions"], dtype=torch.int64)
         self.step = int(state["train"]["step"])
         self.nonfinite = int(state["train"]["nonfinite"])
         if self.scaler is not None:
@@ -348,7 +380,8 @@ class Trainer:
         target = self.target if self.target is not None else self.net
         total = torch.zeros((), device=self.device)
         for m, (images, labels) in enumerate(batches):
-            torch.manual_seed(step_seed(tc.seed, self.info.rank, self.step, m))
+            offset = self.info.rank * self.per_rank + m * self.micro
+            torch.manual_seed(step_seed(tc.seed, self.step, offset))
             sync = m == len(batches) - 1
             ctx = (self.ddp.no_sync() if (not sync and self.ddp is not self.net)
                    else contextlib.nullcontext())
@@ -398,11 +431,14 @@ class Trainer:
             dist.print0(f"resumed from {meta['nimg']} images (step {self.step}, "
                         f"saved by {meta.get('world_size')} ranks)")
         nimg = self.step * tc.global_batch
-        self.loader = build_data(cfg, self.info, self.per_rank, nimg)
-        if meta is not None and self.resumed_world == self.info.world_size:
-            st = self.loader.state_dict()
-            st["positions"] = self.data_positions.tolist()
-            self.loader.load_state_dict(st)
+        self.loaders = build_data(cfg, self.info, self.streams, nimg)
+        if self.saved_layout == self.data_layout:
+            # Exact positions (they stay exact even after skipped bad samples).
+            first = self.info.rank * len(self.loaders)
+            for i, loader in enumerate(self.loaders):
+                st = loader.state_dict()
+                st["positions"] = self.data_positions[first + i].tolist()
+                loader.load_state_dict(st)
         dist.install_signal_handlers()
         log = Logger(cfg, self.run_dir, self.step)
         code = 0
@@ -418,11 +454,13 @@ class Trainer:
         if self.step >= tc.total_steps:
             dist.print0(f"run already finished ({self.step} steps); nothing to do")
             return 0
-        it = iter(self.loader)
+        its = [iter(loader) for loader in self.loaders]
         t_last, n_last, losses_since = time.time(), self.step, []
         while self.step < tc.total_steps:
             batches = []
-            images, labels = next(it)
+            parts = [next(it) for it in its]
+            images = torch.cat([p[0] for p in parts])
+            labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
             for m in range(self.accum):
                 sl = slice(m * self.micro, (m + 1) * self.micro)
                 batches.append((images[sl].to(self.device),
@@ -452,7 +490,11 @@ class Trainer:
                        "loss": float(np.mean(finite_losses)) if finite_losses else float("nan"),
                        "N": N, "mu": mu, "lr": learning_rate(cfg, self.step - 1),
                        "img_per_s": (self.step - n_last) * gb / max(dt, 1e-9)}
-                rec.update({f"data/{k}": v for k, v in self.loader.bad_input_counts.items()})
+                bad: dict = {}
+                for loader in self.loaders:
+                    for k, v in loader.bad_input_counts.items():
+                        bad[k] = bad.get(k, 0) + v
+                rec.update({f"data/{k}": v for k, v in dist.sum_counts(bad).items()})
                 log.scalars(rec, self.step)
                 t_last, n_last, losses_since = time.time(), self.step, []
             every = cfg.checkpoint.every_images
