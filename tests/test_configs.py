@@ -1,0 +1,75 @@
+"""Recipes carry the reference's hyperparameters; config errors name the key."""
+
+import glob
+import os
+
+import pytest
+
+from cmscale.config import ConfigError, dump_config, load_config
+from cmscale.networks.unet import PRESETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg(name, *overrides):
+    return load_config(os.path.join(ROOT, "configs", name + ".yaml"), list(overrides))
+
+
+def test_every_recipe_loads_and_round_trips(tmp_path):
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert {"lsun_cat_ct", "lsun_bedroom_cd", "imagenet64_cd", "imagenet64_ct", "cifar10_ict",
+            "quickstart"} <= set(names)
+    for name in names:
+        c = cfg(name)
+        assert c.net.preset in PRESETS
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(dump_config(c))
+        assert load_config(str(path)).to_dict() == c.to_dict()
+
+
+def test_reference_hyperparameters():
+    c = cfg("lsun_cat_ct")
+    assert (c.loss.mode, c.loss.metric, c.loss.start_scales, c.loss.end_scales,
+            c.loss.start_ema) == ("ct", "lpips", 2, 150, 0.95)
+    assert (c.optim.name, c.optim.lr, c.optim.weight_decay) == ("radam", 5e-5, 0.0)
+    assert (c.train.global_batch, c.train.total_steps, c.train.precision) == (256, 1_000_000, "fp16")
+    assert c.ema.rates == [0.9999, 0.99994, 0.9999432189950708]
+    assert (c.sample.ts, c.sample.steps) == ([0, 62, 150], 151)
+    c = cfg("lsun_bedroom_cd")
+    assert (c.loss.num_scales, c.loss.target_ema, c.loss.solver, c.optim.lr,
+            c.train.total_steps, c.loss.teacher_dropout) == (40, 0.95, "heun", 1e-5, 600_000, 0.1)
+    c = cfg("imagenet64_cd")
+    assert (c.optim.lr, c.train.global_batch, c.data.class_cond, c.net.preset) == (
+        8e-6, 2048, True, "imagenet64")
+    assert c.ema.rates == [0.999, 0.9999, 0.9999432189950708]
+    c = cfg("imagenet64_ct")
+    assert (c.loss.end_scales, c.optim.lr, c.train.total_steps) == (200, 1e-4, 800_000)
+    assert (c.sample.ts, c.sample.steps) == ([0, 106, 200], 201)
+    c = cfg("cifar10_ict")
+    assert (c.loss.mode, c.loss.metric, c.loss.ict_s0, c.loss.ict_s1) == ("ict", "pseudo_huber", 10, 1280)
+    assert c.net.overrides["dropout"] == 0.3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.total_steps=abc", "train.total_steps: expected int"),
+    ("loss.metric=l3", "loss.metric='l3'"),
+    ("optim.lr=-1", "optim.lr=-1.0: must be > 0"),
+    ("ema.rates=[1.5]", "ema.rates"),
+    ("sample.ts=[0,200]", "sample.ts"),
+    ("trian.seed=1", "unknown config key 'trian'"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("data.bad_input=ignore", "data.bad_input"),
+    ("novalue", "not key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        cfg("quickstart", override)
+
+
+def test_overrides_reach_nested_fields():
+    c = cfg("quickstart", "net.overrides.dropout=0.2", "ema.rates=0.9,0.99", "train.precision=bf16")
+    assert c.net.overrides["dropout"] == 0.2
+    assert c.ema.rates == [0.9, 0.99]
+    assert c.train.precision == "bf16"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent.yaml")
