@@ -96,17 +96,21 @@ def train_toy(method: str, gm: GaussianMixture, steps: int = 3000, batch: int = 
     from .ema import frozen_copy, update_average
     from .networks import MLP, ConsistencyPrecond
 
-    if method not in ("cd", "ct"):
-        raise ValueError(f"method must be 'cd' or 'ct', got {method!r}")
+    if method not in ("cd", "ct", "ict"):
+        raise ValueError(f"method must be 'cd', 'ct' or 'ict', got {method!r}")
     torch.manual_seed(seed)
     net = ConsistencyPrecond(MLP(dim=gm.dim, hidden=hidden, depth=depth))
-    target = frozen_copy(net)
+    # iCT's target is the online network itself (the loss evaluates it under no_grad).
+    target = net if method == "ict" else frozen_copy(net)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    loss_fn = losses.CDLoss(gm, solver="heun") if method == "cd" else losses.CTLoss("l2")
+    loss_fn = {"cd": lambda: losses.CDLoss(gm, solver="heun"), "ct": lambda: losses.CTLoss("l2"),
+               "ict": lambda: losses.ICTLoss()}[method]()
     gen = torch.Generator().manual_seed(seed + 1)
     for k in range(steps):
         if method == "cd":
             N, mu = schedules.cd_schedule(k, num_scales=cd_num_scales)
+        elif method == "ict":
+            N, mu = schedules.ict_schedule(k, steps)
         else:
             N, mu = schedules.ct_schedule(k, steps, s0=ct_s0, s1=ct_s1, mu0=ct_mu0)
         x = gm.sample(batch, generator=gen).float()
@@ -114,7 +118,8 @@ def train_toy(method: str, gm: GaussianMixture, steps: int = 3000, batch: int = 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        update_average(target, net, mu)
+        if method != "ict":
+            update_average(target, net, mu)
         if log_every and k % log_every == 0:
             print(f"{method} step {k} N={N} mu={mu:.5f} loss={loss.item():.3e}")
     return net, target
