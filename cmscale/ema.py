@@ -77,8 +77,8 @@ class ShardedAverage:
 
     The parameters of ``net`` are seen as one flat vector of ``numel`` entries (in
     ``net.parameters()`` order); rank r owns ``checkpoint.shard_range(numel, r, W)``. The
-    update touches only views into the live parameters that fall in that slice, so it costs
-    1/W of a full EMA in memory and time and needs no communication. ``gather()`` assembles
+    update reads only the parts of the parameters that fall in that slice, so it costs 1/W of
+    a full EMA in memory and time and needs no communication. ``gather()`` assembles
     the whole average (all ranks take part) for evaluation and export only.
 
     ``local`` is padded to ``ceil(numel / W)`` entries so that all ranks' slices have one size
@@ -98,24 +98,38 @@ class ShardedAverage:
         chunk = -(-self.numel // world_size)
         device = params[0].device if params else None
         self.local = torch.zeros(chunk, dtype=torch.float32, device=device)
-        self._src, self._dst = [], []
+        # (parameter index, its slice, slice of local) for the parameters in this rank's range
+        self._plan = []
         offset = 0
-        for p in params:
+        for k, p in enumerate(params):
             a, b = max(start, offset), min(stop, offset + p.numel())
             if a < b:
-                self._src.append(p.detach().view(-1)[a - offset:b - offset])
-                self._dst.append(self.local[a - start:b - start])
+                self._plan.append((k, a - offset, b - offset, a - start, b - start))
             offset += p.numel()
+        self._params = params
         with torch.no_grad():
-            torch._foreach_copy_(self._dst, self._src)
+            src, dst = self._views(params)
+            if dst:
+                torch._foreach_copy_(dst, src)
+
+    def _views(self, params):
+        if sum(p.numel() for p in params) != self.numel:
+            raise ValueError(f"parameters hold {sum(p.numel() for p in params)} numbers, "
+                             f"the average {self.numel}")
+        src = [params[k].detach().reshape(-1)[a:b].float() for k, a, b, _, _ in self._plan]
+        dst = [self.local[c:d] for _, _, _, c, d in self._plan]
+        return src, dst
 
     @torch.no_grad()
-    def update(self) -> None:
-        """``avg <- rate * avg + (1 - rate) * param`` on this rank's slice."""
-        if not self._dst:
-            return
-        torch._foreach_mul_(self._dst, self.rate)
-        torch._foreach_add_(self._dst, [s.float() for s in self._src], alpha=1.0 - self.rate)
+    def update(self, params=None) -> None:
+        """``avg <- rate * avg + (1 - rate) * param`` on this rank's slice.
+
+        ``params``: the full parameters in ``net.parameters()`` order, when they are not the
+        tensors the average was built from (DeepSpeed replaces or partitions those)."""
+        src, dst = self._views(list(params) if params is not None else self._params)
+        if dst:
+            torch._foreach_mul_(dst, self.rate)
+            torch._foreach_add_(dst, src, alpha=1.0 - self.rate)
 
     @torch.no_grad()
     def gather(self, into: nn.Module) -> nn.Module:

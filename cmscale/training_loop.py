@@ -23,6 +23,14 @@ Sharding of the averages: every evaluation EMA is sharded over data-parallel ran
 (:class:`cmscale.ema.ShardedAverage`, 1/W each), gathered only for sampling and export. The
 target network is needed whole by every rank at every step (its forward gives the loss
 target), so it is kept replicated: sharding it would only add an all-gather per step.
+
+Backends (``train.backend``, wrapping in :mod:`cmscale.parallel`): ``ddp`` (DDP, or the plain
+module in one process) or ``deepspeed`` with ZeRO stage 1/2/3. ``self.net`` is always the plain
+module; ``self.wrapped`` is what the forward pass goes through. With DeepSpeed, micro-batches
+go through ``engine.backward`` and one ``engine.step()`` follows the last of them; DeepSpeed
+clips gradients and skips non-finite steps itself, and the target and EMAs are updated from
+the full fp32 weights ``parallel.full_parameters`` provides (gathered under ZeRO-3). What each
+stage shards, the checkpoint layout per backend and world-size changes: see that module.
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ import time
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, dist, losses, schedules
+from . import checkpoint, dist, losses, parallel, schedules
 from .config import Config, dump_config
 from .ema import ShardedAverage, ema_name, frozen_copy, update_average
 from .networks import ConsistencyPrecond, EDMPrecond, create_unet
@@ -292,6 +301,7 @@ class Trainer:
         tc = cfg.train
         self.streams, self.per_rank, self.micro, self.accum = batch_split(cfg,
                                                                            self.info.world_size)
+        self.check_resumable()  # before anything is built (a DeepSpeed engine takes a while)
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.net = build_net(cfg).to(self.device).train()
@@ -299,19 +309,24 @@ class Trainer:
         mode = cfg.loss.mode
         # CD/CT: an EMA target network; iCT: the online net itself under no_grad; EDM: none.
         self.target = frozen_copy(self.net) if mode in ("cd", "ct") else None
+        # Built from the plain module before it is wrapped: DeepSpeed moves (ZeRO-1/2) or
+        # partitions (ZeRO-3) the parameter storage.
         self.emas = {ema_name(r): ShardedAverage(self.net, float(r), self.info.rank,
                                                  self.info.world_size)
                      for r in cfg.ema.rates}
         self.loss_fn = build_loss(cfg, self.device)
         self.scaler = None
-        if tc.precision == "fp16":
-            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=tc.initial_loss_scale)
-        self.ddp = self.net
-        if self.info.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DDP(self.net, device_ids=ids, broadcast_buffers=False)
+        self.engine = None  # the DeepSpeed engine (train.backend=deepspeed)
+        if tc.backend == "deepspeed":
+            # DeepSpeed scales fp16 losses itself
+            self.engine = parallel.wrap_deepspeed(self.net, self.opt, cfg, self.info, self.micro,
+                                                  self.accum)
+            self.wrapped = self.engine
+        else:
+            if tc.precision == "fp16":
+                self.scaler = torch.amp.GradScaler(self.device.type,
+                                                   init_scale=tc.initial_loss_scale)
+            self.wrapped = parallel.wrap_ddp(self.net, self.info)
         self.step = 0
         self.nonfinite = 0  # consecutive skipped steps
         # Reader positions of every stream's workers (replicated in the checkpoint), and the
@@ -325,7 +340,10 @@ class Trainer:
     # -- checkpoint state ------------------------------------------------------------------
     def state(self) -> dict:
         s = {
-            "model": checkpoint.ModelOptimizer(self.net, self.opt),
+            # DeepSpeed's optimizer state is partitioned in its own layout: its own files hold
+            # it (parallel.DeepSpeedFiles), DCP the module weights.
+            "model": (checkpoint.ModelOptimizer(self.net, self.opt) if self.engine is None
+                      else parallel.ModuleWeights(self.engine)),
             "ema": {name: checkpoint.FlatShard(e.local, e.numel) for name, e in self.emas.items()},
             "train": {"step": self.step, "nonfinite": self.nonfinite},
             # a plain list (not a tensor): its shape changes with the layout
@@ -346,16 +364,38 @@ class Trainer:
                 mine[first + i] = torch.tensor(loader.state_dict()["positions"])
             self.data_positions.copy_(dist.all_reduce_sum(mine))
         state = self.state()
-        path = checkpoint.save(self.run_dir, state, {"nimg": nimg, "step": self.step,
-                                                     "reason": reason})
+        meta = {"nimg": nimg, "step": self.step, "reason": reason,
+                "backend": self.cfg.train.backend}
+        if self.engine is not None:
+            meta["zero_stage"] = self.cfg.train.zero_stage
+            # Written by DeepSpeed into this checkpoint's directory before the commit marker.
+            state["deepspeed"] = parallel.DeepSpeedFiles(
+                self.engine, checkpoint.checkpoint_path(self.run_dir, nimg))
+        path = checkpoint.save(self.run_dir, state, meta)
         checkpoint.keep_last(self.run_dir, self.cfg.checkpoint.keep_last) if dist.is_main() else None
         dist.print0(f"checkpoint: {path} ({reason})")
 
+    def check_resumable(self) -> None:
+        """Raise ValueError if the newest checkpoint was written by another backend, or by
+        DeepSpeed at another world size or ZeRO stage (collective; reads only its marker)."""
+        latest = None
+        if dist.is_main():
+            found = checkpoint.latest_checkpoint(self.run_dir, warn=False)
+            latest = found.meta if found is not None else None
+        latest = dist.broadcast_object(latest)
+        if latest is not None:
+            parallel.check_resume(self.cfg, latest, self.info.world_size)
+
     def resume(self) -> dict | None:
         state = self.state()
+        if self.engine is not None:
+            del state["model"]  # DeepSpeed's own files restore the module, below
         meta = checkpoint.load_latest(self.run_dir, state)
         if meta is None:
             return None
+        if self.engine is not None:
+            parallel.load_deepspeed(self.engine,
+                                    checkpoint.checkpoint_path(self.run_dir, meta["nimg"]))
         self.saved_layout = list(state["data"]["layout"])
         if self.saved_layout == self.data_layout:
             self.data_positions = torch.tensor(state["data"]["positions"], dtype=torch.int64)
@@ -371,7 +411,7 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         N, mu = schedule(cfg, self.step)
         lr = learning_rate(cfg, self.step)
-        for g in self.opt.param_groups:
+        for g in self.opt.param_groups:  # DeepSpeed's ZeRO optimizers step these same groups
             g["lr"] = lr
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                     if tc.precision == "bf16" else
@@ -383,17 +423,28 @@ class Trainer:
             offset = self.info.rank * self.per_rank + m * self.micro
             torch.manual_seed(step_seed(tc.seed, self.step, offset))
             sync = m == len(batches) - 1
-            ctx = (self.ddp.no_sync() if (not sync and self.ddp is not self.net)
+            ctx = (self.wrapped.no_sync() if (not sync and isinstance(self.wrapped, DDP))
                    else contextlib.nullcontext())
+            if self.engine is not None:
+                # DeepSpeed's no_sync: reduce (and step) only after the last micro-batch
+                self.engine.set_gradient_accumulation_boundary(sync)
             with ctx:
                 with autocast:
-                    loss = self.loss_fn(self.ddp, images, num_scales=N, class_labels=labels,
+                    loss = self.loss_fn(self.wrapped, images, num_scales=N, class_labels=labels,
                                         target=target).mean() / len(batches)
                 if self.step in cfg.train.inject_nan_at and m == 0:
                     loss = loss * float("nan")  # fault injection for tests (train.inject_nan_at)
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                if self.engine is not None:
+                    # DeepSpeed skips a step only for a non-finite gradient norm: make a
+                    # non-finite loss reach that check (x1 otherwise: exact, no host sync).
+                    loss = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
+                    self.engine.backward(loss, scale_wrt_gas=False)  # already / accumulation
+                else:
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
         mean_loss = dist.all_reduce_mean(total)
+        if self.engine is not None:
+            return float(mean_loss), self._deepspeed_step(mu)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         params = [p for p in self.net.parameters() if p.grad is not None]
@@ -418,6 +469,20 @@ class Trainer:
             self.scaler.update(self.scaler.get_scale() / 2)  # the reference halves and skips
         self.opt.zero_grad(set_to_none=True)
         return float(mean_loss), finite
+
+    def _deepspeed_step(self, mu: float | None) -> bool:
+        """DeepSpeed's step (clipping, non-finite check, zeroing grads), then target and EMAs."""
+        self.engine.step()
+        # DeepSpeed all-reduces the gradient norm it skips on: every rank has the same verdict.
+        if not self.engine.was_step_applied():
+            return False
+        with parallel.full_parameters(self.engine) as full:
+            if self.target is not None:
+                update_average(self.target, full, mu)
+            params = list(full.parameters())
+            for e in self.emas.values():
+                e.update(params)
+        return True
 
     def run(self) -> int:
         cfg, tc = self.cfg, self.cfg.train
@@ -515,14 +580,26 @@ class Trainer:
     def eval_net(self, name: str = "") -> torch.nn.Module:
         """A whole network for sampling: an EMA (gathered; collective), or online/target."""
         name = name or (next(iter(self.emas)) if self.emas else "online")
-        if name == "online":
-            return self.net
-        if name == "target":
-            return self.target if self.target is not None else self.net
+        if name == "target" and self.target is not None:
+            return self.target
+        if name in ("online", "target"):  # without a separate target, it is the online net
+            if self.engine is None:
+                return self.net
+            net = self._blank_net()
+            with parallel.full_parameters(self.engine) as full:
+                update_average(net, full, 0.0)  # rate 0: a copy
+            return net
         if name not in self.emas:
             raise ValueError(f"sample.ema={name!r}: choose 'online', 'target' or one of "
                              f"{list(self.emas)}")
-        return self.emas[name].gather(frozen_copy(self.net))
+        return self.emas[name].gather(self._blank_net())
+
+    def _blank_net(self) -> torch.nn.Module:
+        """A plain network (no grads) to write whole weights into."""
+        if self.engine is None:
+            return frozen_copy(self.net)
+        # not a copy of the DeepSpeed-managed module: its storage and hooks belong to the engine
+        return build_net(self.cfg).to(self.device).requires_grad_(False)
 
     def write_samples(self, log: Logger):
         net = self.eval_net(self.cfg.sample.ema)

@@ -25,6 +25,22 @@ install() {
     "$venv/bin/pip" install --quiet -e ".[dev]"
 }
 
+# What the test suite needs from the system: shellcheck (the launch scripts' lint) and a real
+# single-node SLURM (tools/local_slurm.sh). Installed and started only when we are root with
+# apt-get (CI, fresh machines); elsewhere the tests that need them skip and say why.
+system_deps() {
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "dev.sh: not root with apt-get: shellcheck/SLURM tests will skip if those are missing" >&2
+        return 0
+    fi
+    if ! command -v shellcheck >/dev/null 2>&1; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends shellcheck; } >/dev/null 2>&1 \
+            || echo "dev.sh: could not install shellcheck" >&2
+    fi
+    bash tools/local_slurm.sh up >/dev/null || echo "dev.sh: local SLURM did not start" >&2
+}
+
 cmd=${1:-test}
 shift || true
 case "$cmd" in
@@ -37,6 +53,7 @@ case "$cmd" in
         ;;
     test)
         install
+        system_deps
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
         exec "$venv/bin/python" -m pytest "$@"
         ;;

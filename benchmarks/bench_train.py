@@ -1,0 +1,99 @@
+"""Training step cost: throughput, overhead over bare network compute, EMA memory per rank.
+
+    python benchmarks/bench_train.py [--steps 10] [--models quickstart,lsun_small]
+
+For each model it prints:
+- images/s of the trainer's full step (``Trainer.train_step``: online forward+backward,
+  target forward, loss, target EMA, evaluation EMAs, optimizer, non-finite checks);
+- the same step's bare network compute timed alone (online forward+backward and target
+  forward on the same inputs, nothing else), and the ratio full / bare (goal <= 1.10);
+- bytes per rank held by the target network and the evaluation EMAs at 1, 2 and 8 ranks
+  (the EMAs are sharded 1/W; the target is replicated, see cmscale/training_loop.py).
+
+Single process, CPU (or the current GPU); timings are medians over ``--steps`` after warm-up,
+figures are ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from cmscale.config import load_config
+from cmscale.ema import ShardedAverage
+from cmscale.training_loop import Trainer
+
+MODELS = {
+    # the quickstart's network and batch
+    "quickstart": ["net.preset=tiny16", "data.resolution=16", "train.global_batch=64",
+                   "ema.rates=[0.995]"],
+    # LSUN 256's UNet shape (mult 1,1,2,2,4,4, attention at 32,16,8) at 64 px and 64 channels
+    "lsun_small": ["net.preset=lsun256", "data.resolution=64", "train.global_batch=8",
+                   "net.overrides.image_size=64", "net.overrides.model_channels=64",
+                   "net.overrides.attention_resolutions=[32,16,8]",
+                   "ema.rates=[0.9999,0.99994,0.9999432189950708]"],
+}
+
+
+def timed(fn, steps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench(name: str, overrides: list[str], steps: int):
+    cfg = load_config(None, ["loss.mode=ct", "loss.metric=l2", "log.tensorboard=false",
+                             "log.progress_bar=false", *overrides])
+    trainer = Trainer(cfg, run_dir="/tmp/cmscale-bench-unused")
+    res, b = cfg.data.resolution, cfg.train.global_batch
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(b, 3, res, res, generator=g) * 2 - 1
+    batches = [(images, None)]
+
+    full = timed(lambda: trainer.train_step(batches), steps)
+
+    net, target = trainer.net, trainer.target
+    sigma = torch.full((b,), 2.0)
+    sigma_next = torch.full((b,), 1.5)
+    z = torch.randn(images.shape, generator=g)
+
+    def bare():
+        out = net(images + 2.0 * z, sigma)
+        with torch.no_grad():
+            tgt = target(images + 1.5 * z, sigma_next)
+        ((out - tgt) ** 2).mean().backward()
+        net.zero_grad(set_to_none=True)
+
+    bare_t = timed(bare, steps)
+    params = sum(p.numel() for p in net.parameters())
+    print(f"{name}: {params:,} parameters, batch {b} at {res}px")
+    print(f"  full step  {full * 1e3:9.1f} ms   {b / full:8.1f} images/s")
+    print(f"  bare net   {bare_t * 1e3:9.1f} ms   {b / bare_t:8.1f} images/s")
+    print(f"  overhead   full / bare = {full / bare_t:.3f}")
+    target_bytes = params * 4
+    for world in (1, 2, 8):
+        emas = [ShardedAverage(net, r, rank=0, world_size=world) for r in cfg.ema.rates]
+        ema_bytes = sum(e.local.numel() * e.local.element_size() for e in emas)
+        print(f"  memory per rank, {world} rank(s): target {target_bytes / 2**20:7.2f} MiB + "
+              f"{len(emas)} EMAs {ema_bytes / 2**20:7.2f} MiB = "
+              f"{(target_bytes + ema_bytes) / 2**20:7.2f} MiB")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--models", default=",".join(MODELS))
+    args = p.parse_args()
+    for name in args.models.split(","):
+        bench(name, MODELS[name], args.steps)
+
+
+if __name__ == "__main__":
+    main()

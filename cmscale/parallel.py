@@ -1,0 +1,349 @@
+"""Wrapping the plain network for data-parallel training: DDP, or a DeepSpeed ZeRO engine.
+
+The training loop keeps two names (STYLE.md, principle 7): ``net``, the plain preconditioned
+module (averages, checkpoints, export), and the wrapped object the forward pass goes through:
+``wrap_ddp(net, info)`` (DDP, or ``net`` itself in a single process) or
+``wrap_deepspeed(net, opt, cfg, info, micro, accum)`` (``train.backend=deepspeed``). Both wrap
+the same module object; the optimizer is ours (``build_optimizer``), handed to DeepSpeed with
+``zero_allow_untested_optimizer`` so DeepSpeed builds no optimizer op of its own.
+
+What each ZeRO stage shards here (W data-parallel ranks)
+---------------------------------------------------------
+============  ===========================  ==================================================
+stage         sharded 1/W per rank          full on every rank
+============  ===========================  ==================================================
+DDP           nothing                       params, grads, optimizer state
+ZeRO-1        optimizer state + fp32        params (the module), grads until the step
+              master copy of the params
+ZeRO-2        + gradients (reduce-scatter)  params (the module)
+ZeRO-3        + the params themselves       nothing: a layer's params are all-gathered for its
+              (``p.ds_tensor``)             forward/backward and released again
+============  ===========================  ==================================================
+
+On every backend the evaluation EMAs are sharded 1/W (``ShardedAverage``) and the target
+network is replicated (its forward needs it whole every step).
+
+Precision: ``fp32`` adds no precision section. ``bf16`` is DeepSpeed's ``torch_autocast``
+(bfloat16), *not* its ``bf16`` section: the module keeps fp32 parameters and the forward runs
+under autocast, exactly what the DDP path does, so the two backends mean the same thing by
+bf16 and the averages read exact fp32 weights. ``lower_precision_safe_modules`` is empty so
+gradients are reduced in fp32, as DDP does. ``fp16`` is DeepSpeed's ``fp16`` section (module in
+half precision, fp32 master weights in the optimizer partitions, dynamic loss scale starting
+at ``train.initial_loss_scale`` = 2^20 like the reference, halved and the step skipped on
+overflow: ``hysteresis`` 1). DeepSpeed's CPU accelerator has no fp16: that is an error before
+any work. The fp16 path needs a GPU and is not exercised by the tests on our CPU machines.
+
+Non-finite steps: DeepSpeed itself skips an optimizer step whose global gradient norm is inf
+or NaN, at every stage and precision (the norm is all-reduced, so every rank agrees), zeroes
+the gradients and reports it through ``engine.was_step_applied()``. The loop multiplies each
+micro-batch loss by 1 (or NaN if the loss is not finite) so a non-finite loss always reaches
+that check; a skipped step updates neither the target nor the EMAs.
+
+Target network and evaluation EMAs
+----------------------------------
+Both are updated after an applied step from the full fp32 parameters, which
+``full_parameters(engine)`` provides for the duration of a ``with``:
+
+- ZeRO-1/2, fp32 or bf16: the module's parameters themselves. DeepSpeed all-gathers the updated
+  partitions into them at the end of every step, and they are the fp32 master values.
+- ZeRO-3: the same module, inside ``deepspeed.zero.GatheredParameters`` over all parameters:
+  one extra all-gather of the model per step (the forward gathers the same bytes layer by
+  layer). Then every rank updates the target (replicated: its forward needs it whole every
+  step, see ``training_loop``) and its own 1/W slice of each EMA.
+- fp16 (GPU): the fp32 master values via ``deepspeed.utils.safe_get_full_fp32_param`` (one
+  collective per parameter), not the half-precision module.
+
+The EMAs stay ``ShardedAverage``s (1/W of the flattened parameters per rank, same checkpoint
+entries as with DDP). ZeRO-3 empties the module's parameters, so the loop builds the EMAs from
+the plain module *before* wrapping (right sizes and initial values at every stage) and passes
+the full parameters of ``full_parameters`` to ``ema.update(params)`` after each step.
+
+Checkpoints per backend
+-----------------------
+Both backends write ``RUN_DIR/checkpoints/nimg-N/`` through ``cmscale.checkpoint.save``, and the
+commit marker ``commit.json`` is written last in both cases, so a killed save is ignored.
+
+- DDP: one DCP checkpoint: model + optimizer (``ModelOptimizer``), target, EMA shards, train
+  and data state. Resharded on load: resuming at another world size works.
+- DeepSpeed: the same DCP entries, except that ``model`` holds the module weights only (full
+  fp32 tensors, gathered under ZeRO-3, master values under fp16), so ``cmscale export``,
+  evaluation and ``load_run_network`` read a ZeRO run like any other. The partitioned
+  optimizer state, fp32 master partitions, loss scale and DeepSpeed's step counters are written
+  by DeepSpeed's own ``engine.save_checkpoint(nimg-N, tag="deepspeed")`` into
+  ``nimg-N/deepspeed/`` (``mp_rank_00_model_states.pt`` and one
+  ``zero_pp_rank_R_mp_rank_00_optim_states.pt`` per rank; fsync'ed by their writers;
+  DeepSpeed also drops its ``zero_to_fp32.py`` converter scripts into ``nimg-N/``). The
+  ``DeepSpeedFiles`` entry of the saved state does that: ``checkpoint.save`` collects an
+  entry's ``state_dict()`` after preparing the directory and before it writes anything or the
+  marker. On resume the DCP entries other than ``model`` are loaded, then
+  ``engine.load_checkpoint`` restores module and optimizer. DeepSpeed unpickles its files with
+  ``weights_only=False``: resume only from run directories you trust.
+
+World-size changes
+------------------
+DDP checkpoints reshard (``cmscale.checkpoint``). DeepSpeed writes one optimizer file per rank
+in its own partition layout; loading it at another world size is only supported through
+DeepSpeed's *universal checkpoints* (offline conversion with
+``python -m deepspeed.checkpoint.ds_to_universal`` and ``"checkpoint": {"load_universal":
+true}``), which this package does not wire up. Resuming a ZeRO checkpoint at another world
+size, with another ZeRO stage, or with the other backend is therefore a clear error
+(``check_resume``) that names the saved and current layouts; resume at the saved world size.
+(Data streams, noise and evaluation EMAs would be world-size independent; only DeepSpeed's
+optimizer files are not.)
+
+Only this module, ``dist``, checkpointing and metrics touch ``torch.distributed`` (STYLE.md,
+principle 6); DeepSpeed is imported only when the deepspeed backend is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import dist
+from .checkpoint import shard_range
+
+__all__ = [
+    "DeepSpeedFiles",
+    "ModuleWeights",
+    "check_resume",
+    "deepspeed_config",
+    "full_parameters",
+    "load_deepspeed",
+    "wrap_ddp",
+    "wrap_deepspeed",
+]
+
+DS_TAG = "deepspeed"  # subdirectory of nimg-N/ that holds DeepSpeed's own files
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def wrap_ddp(net: nn.Module, info: dist.DistInfo) -> nn.Module:
+    """``net`` in DistributedDataParallel when there are several ranks, else ``net`` itself."""
+    if info.world_size == 1:
+        return net
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    # broadcast_buffers=False: every rank builds identical buffers from the same seed.
+    return DDP(net, device_ids=ids, broadcast_buffers=False)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(cfg, micro: int, accum: int, world: int) -> dict:
+    """DeepSpeed's config dict for ``cfg`` at ``micro`` images per rank per forward, ``accum``
+    micro-batches per step and ``world`` ranks (``training_loop.batch_split`` gives them)."""
+    tc = cfg.train
+    ds: dict[str, Any] = {
+        "train_batch_size": micro * accum * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": {"stage": int(tc.zero_stage)},
+        # our torch.optim instance: no DeepSpeed optimizer, so no fused_adam JIT build
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,  # the loop logs progress itself
+        "wall_clock_breakdown": False,
+    }
+    if tc.precision == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+                                "lower_precision_safe_modules": []}
+    elif tc.precision == "fp16":
+        power = math.log2(tc.initial_loss_scale)
+        if not power.is_integer():
+            raise ValueError(f"train.initial_loss_scale={tc.initial_loss_scale}: DeepSpeed's "
+                             f"dynamic loss scale starts at a power of two")
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": int(power),
+                      "hysteresis": 1, "loss_scale_window": 2000, "min_loss_scale": 1,
+                      "auto_cast": True}
+    return ds
+
+
+def _ensure_process_group(info: dist.DistInfo) -> None:
+    """DeepSpeed needs a process group even for one rank; a single process has none."""
+    if dist.is_initialized():
+        return
+    import socket
+
+    import torch.distributed as tdist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port)):
+        os.environ.setdefault(key, str(value))
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                             world_size=1)
+
+
+def wrap_deepspeed(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
+                   micro: int, accum: int):
+    """A DeepSpeed engine around ``net`` (the same module object) and ``opt`` (ours)."""
+    if cfg.train.precision == "fp16" and info.device.type != "cuda":
+        raise ValueError(
+            "train.precision=fp16 with train.backend=deepspeed needs a GPU: DeepSpeed's CPU "
+            "accelerator has no fp16. Use train.precision=bf16 or fp32, or train.backend=ddp "
+            "(its GradScaler works on CPU).")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if info.device.type == "cuda" else "cpu")
+    _ensure_process_group(info)
+    import deepspeed
+
+    # The loop prints what a run needs; keep DeepSpeed's warnings, not its config dump.
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    ds_config = deepspeed_config(cfg, micro, accum, info.world_size)
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=ds_config)
+    return engine
+
+
+def _is_zero3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
+class _Full:
+    """Duck-types the two methods ``ema.update_average`` calls on a network."""
+
+    def __init__(self, params: list, buffers: list):
+        self._params, self._buffers = params, buffers
+
+    def parameters(self):
+        return iter(self._params)
+
+    def buffers(self):
+        return iter(self._buffers)
+
+
+@contextlib.contextmanager
+def full_parameters(engine):
+    """Yield the network with full fp32 parameters, for reading only (collective).
+
+    ZeRO-1/2 in fp32/bf16: the module. ZeRO-3: the module with all
+    parameters gathered until the ``with`` ends (changes are discarded). fp16: an object whose
+    ``parameters()`` are the assembled fp32 master weights and ``buffers()`` the module's."""
+    net = engine.module
+    if engine.fp16_enabled():
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        yield _Full([safe_get_full_fp32_param(p) for p in net.parameters()], list(net.buffers()))
+    elif _is_zero3(engine):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None):
+            yield net
+    else:
+        yield net
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class ModuleWeights:
+    """Checkpoint entry ``model`` of a DeepSpeed run: the module's full fp32 weights.
+
+    Same keys as ``checkpoint.ModelOptimizer(net)`` without optimizer, so ``export`` and
+    ``load_run_network`` read it. Copies are taken because ZeRO-3 releases gathered storage.
+    Saving only: on resume DeepSpeed's own files restore the module."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        net = self.engine.module
+        with full_parameters(self.engine) as full:
+            sd = net.state_dict()
+            for (name, _), p in zip(net.named_parameters(), full.parameters()):
+                sd[name] = p
+            sd = {k: v.detach().float().clone() if v.is_floating_point() else v.clone()
+                  for k, v in sd.items()}
+        return {"model": sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise RuntimeError("a DeepSpeed run restores its module with load_deepspeed()")
+
+
+def _fsync_own_files(folder: str, rank: int) -> None:
+    # Each rank flushes what it wrote (on a network file system only the writer's fsync
+    # counts): zero_pp_rank_R_* by rank R, the rest (mp_rank_00_model_states.pt) by rank 0.
+    mine = f"zero_pp_rank_{rank}_"
+    for name in os.listdir(folder):
+        if name.startswith(mine) or (rank == 0 and not name.startswith("zero_pp_rank_")):
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    if rank == 0:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class DeepSpeedFiles:
+    """Checkpoint entry that writes DeepSpeed's own checkpoint into ``path/deepspeed/``.
+
+    ``checkpoint.save`` calls ``state_dict()`` of every entry after it has prepared the (empty)
+    ``nimg-N`` directory and before it writes the DCP files and the commit marker, so these
+    files are inside the directory the marker commits. The DCP entry itself is just the tag.
+    Saving only (collective); resume with ``load_deepspeed``."""
+
+    def __init__(self, engine, path):
+        self.engine, self.path = engine, str(path)
+
+    def state_dict(self) -> dict[str, Any]:
+        self.engine.save_checkpoint(self.path, tag=DS_TAG, save_latest=False)
+        dist.barrier()  # every rank's file exists before anyone flushes or moves on
+        _fsync_own_files(os.path.join(self.path, DS_TAG), dist.get_rank())
+        return {"tag": DS_TAG, "zero_stage": self.engine.zero_optimization_stage()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise RuntimeError("resume a DeepSpeed run with load_deepspeed()")
+
+
+def load_deepspeed(engine, path) -> None:
+    """Restore module, optimizer partitions, loss scale and counters from ``path/deepspeed``."""
+    folder = os.path.join(str(path), DS_TAG)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path} has no DeepSpeed files ({DS_TAG}/); was it written "
+                                f"by the ddp backend?")
+    loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=True,
+                                       load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load its checkpoint from {folder}")
+
+
+def check_resume(cfg, meta: dict, world: int) -> None:
+    """Raise ValueError if the checkpoint with marker ``meta`` cannot be resumed by this run."""
+    saved_backend = meta.get("backend", "ddp")
+    saved_stage = int(meta.get("zero_stage", 0))
+    backend, stage = cfg.train.backend, int(cfg.train.zero_stage)
+    where = f"checkpoint nimg-{int(meta['nimg']):012d}"
+    if saved_backend != backend:
+        raise ValueError(f"{where} was written by train.backend={saved_backend}; this run "
+                         f"uses {backend}. Resume with train.backend={saved_backend} (the "
+                         f"optimizer states are stored differently).")
+    if backend != "deepspeed":
+        return
+    saved_world = int(meta.get("world_size", world))
+    if saved_stage != stage:
+        raise ValueError(f"{where} was written with ZeRO stage {saved_stage}; this run uses "
+                         f"train.zero_stage={stage}. Resume with the saved stage.")
+    if saved_world != world:
+        raise ValueError(
+            f"{where} was written by {saved_world} ranks with DeepSpeed ZeRO-{stage}; this run "
+            f"has {world}. DeepSpeed's per-rank optimizer files load only at the world size "
+            f"that wrote them (other sizes need DeepSpeed's universal checkpoint conversion, "
+            f"deepspeed.checkpoint.ds_to_universal, which cmscale does not wire up). Resume "
+            f"with {saved_world} ranks.")
