@@ -49,7 +49,8 @@ case "$cmd" in
         ;;
     quickstart)
         install
-        exec "$venv/bin/python" -m cmscale.quickstart "$@"
+        exec "$venv/bin/python" -m cmscale.train --config configs/quickstart.yaml \
+            --run-dir "${RUN_DIR:-runs/quickstart}" "$@"
         ;;
     test)
         install
