@@ -1,0 +1,390 @@
+"""The training data loader: WebDataset tar shards -> per-rank batches of [-1, 1] float NCHW images.
+
+    loader = build_loader("data/lsun_cat/data-{000000..000127}.tar", batch_size_per_rank=32,
+                          rank=rank, world_size=world_size, seed=0, num_workers=4,
+                          start_images=images_seen)          # images_seen from the checkpoint
+    for images, labels in loader:                            # infinite, over epochs
+        ...                                                  # labels: None or LongTensor (b,)
+        log(loader.images_seen, loader.bad_input_counts)
+
+Which sample a rank sees at each step is a pure function of (seed, shard counts, world size R,
+workers per rank K, batch size b); `cmscale.data.order` states it in full. In short: each epoch
+visits the shards in a permutation drawn from (seed, epoch); the concatenated samples are split
+into P = R*K contiguous ranges, one per (rank, worker) slot; each slot emits its range shuffled
+in blocks of `shuffle_block` samples; the DataLoader interleaves a rank's workers round-robin.
+
+Resume: `start_images` is the global number of images already consumed (all ranks). It is exact
+(the same batches as an uninterrupted run) for a multiple of the global batch b*R with the same
+R, K and b, as long as no sample was skipped as bad input in the slots' current epochs. Skipped
+samples shift a slot's stream; `state_dict()` / `load_state_dict()` (per rank) store positions
+in planned samples and are exact even then. After a change of R, K or b the loader starts every
+slot at the same epoch and fraction of epoch: the rest of that epoch comes from the new split
+(some of its samples may repeat, some be missed); from the next epoch on every sample is seen
+exactly once per epoch. This never fails.
+
+Work split: DataLoader workers read tars, decode and crop (`cmscale.data.images`), and write
+uint8 NHWC batches plus each sample's flip bit into shared-memory buffers that the consumer
+allocated (`_SharedBatches`: workers x (prefetch_factor + 2) batches; no tensor crosses the
+DataLoader's queue). The consuming process permutes to NCHW, maps to float and mirrors the
+flagged images; with `device` set it first copies the uint8 batch there (4x fewer bytes than
+float), where this per-pixel work is cheap. Flip bits are a hash of (seed, epoch, sample index):
+no RNG state.
+
+Bad input (`bad_input` = "convert" | "skip" | "raise"): see the table in `cmscale.data.images`
+and `cmscale.data.reader`. Skips and conversions are counted per kind in `bad_input_counts`
+(this rank; keys "skipped.<kind>" / "converted.<kind>"), and warned about once per kind by the
+consuming process (BadInputWarning, with one example). A missing shard or a pattern matching
+nothing raises FileNotFoundError naming it, whatever the policy.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .images import IMAGE_EXTS, BadInput, BadInputError, check_policy, prepare_image
+from .order import Layout, flip_bit
+from .reader import slot_items
+from .shardlist import ShardSet, load_shard_set
+
+
+class BadInputWarning(UserWarning):
+    """A bad sample was converted or skipped (emitted once per kind per loader; all are counted)."""
+
+
+class _Counter:
+    """Per-process bad-input counts and the first example of each kind (for the warning)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, str] = {}
+
+    def add(self, what: str, kind: str, where: str = "", detail: str = ""):
+        key = f"{what}.{kind}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if key not in self.examples:
+            self.examples[key] = f"{where}: {detail}" if where and detail else (where or detail)
+
+
+def _image_key(sample: dict) -> str | None:
+    for ext in sorted(sample):
+        if ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
+            return ext
+    return None
+
+
+class _SharedBatches:
+    """Batch buffers (images, labels, flip bits) in shared memory, allocated by the consumer.
+
+    Worker i fills buffers[i, j] for j = 0, 1, ..., n-1, 0, ... and sends only (i, j, seq): no
+    tensor crosses the DataLoader's queue. (A fresh shared tensor per batch cost about 0.3 ms per
+    256x256 image: a shm file, an fd handed over through an authenticated socket, and page
+    faults on both sides; as much as decoding the image.) The DataLoader keeps at most
+    `prefetch_factor` batches per worker in flight and the consumer copies each batch (float
+    conversion, device copy or clone) before it asks for the next one, so n = prefetch_factor + 2
+    buffers are never overwritten while in use. Each buffer has a stamp (its batch number, -1
+    while being filled) that the consumer checks after its copy: should that assumption ever
+    break, the loader raises instead of silently corrupting a batch.
+    """
+
+    def __init__(self, workers: int, n: int, b: int, R: int, labels: bool):
+        self.n = n
+        self.images = torch.empty((workers, n, b, R, R, 3), dtype=torch.uint8).share_memory_()
+        self.labels = torch.empty((workers, n, b), dtype=torch.int64).share_memory_() if labels else None
+        self.flips = torch.zeros((workers, n, b), dtype=torch.bool).share_memory_()
+        self.stamps = torch.zeros((workers, n), dtype=torch.int64).share_memory_()
+
+
+def _cache_pil_blocks(blocks: int = 16):
+    """Let PIL reuse freed image memory in this worker process (as PILLOW_BLOCKS_MAX would).
+
+    By default PIL frees every decoded image, and a 256x256 RGB image (256 KiB) is above glibc's
+    mmap threshold, so each decode maps fresh, zeroed pages: that cost 30-40% of the decode time
+    here. A small cache of blocks (at most `blocks` x PIL's block size, 16 MiB; a few MiB for
+    256-pixel images) removes it. A larger value set by the user is kept.
+    """
+    from PIL import Image
+
+    if Image.core.get_blocks_max() < blocks:
+        Image.core.set_blocks_max(blocks)
+
+
+class _SlotDataset(IterableDataset):
+    """The per-worker pipeline: slot stream -> decode -> crop -> uint8 NHWC batches (+ flip bits).
+
+    Yields (batch, meta) with meta = (worker, position after the batch, counts, examples).
+    In a DataLoader worker, batch = (worker id, buffer, seq) in `shared`; in-process it is
+    (images uint8 (b, R, R, 3), labels int64 (b,) or None, flips bool (b,)). Images stay NHWC
+    as PIL decodes them (a contiguous copy per image is the cheapest thing a worker can do);
+    the NCHW permutation, the float conversion and the mirroring (flips: the per-sample bits of
+    `order.flip_bit`) happen at the consumer, on the device when one is given. (Mirroring in
+    the worker cost 5% of its time; on an accelerator it is free.)
+    """
+
+    def __init__(self, layout: Layout, urls: list, rank: int, first: int, positions: list, *,
+                 resolution: int, class_cond: bool, random_flip: bool, policy: str,
+                 shared: _SharedBatches | None):
+        super().__init__()
+        self.layout, self.urls, self.rank = layout, urls, rank
+        self.first, self.positions = first, positions
+        self.resolution, self.class_cond = resolution, class_cond
+        self.random_flip, self.policy = random_flip, policy
+        self.shared = shared
+
+    def _decode(self, item, counter: _Counter):
+        where = f"{item.url} key {item.key}" if item.key is not None else f"{item.url} sample {item.index}"
+        sample = item.sample
+        if sample is None:
+            raise BadInput("missing_sample", "not in its shard")
+        ext = _image_key(sample)
+        if ext is None:
+            raise BadInput("no_image", f"members {sorted(sample)}")
+        label = -1
+        if self.class_cond:
+            try:
+                label = int(sample["cls"].decode("ascii").strip())
+            except Exception:
+                raise BadInput("no_label", "class_cond=True but no integer .cls member") from None
+        converted = []
+        arr = prepare_image(sample[ext], self.resolution, self.policy, converted)
+        for kind in converted:
+            counter.add("converted", kind, where)
+        return arr, label
+
+    def _buffers(self, wid: int):
+        """Endless (batch ref, images, labels, flips) to fill: shared slots round-robin, or fresh tensors."""
+        b, R = self.layout.batch_size, self.resolution
+        seq = 0
+        while True:
+            seq += 1
+            if self.shared is None:
+                images = torch.empty((b, R, R, 3), dtype=torch.uint8)
+                labels = torch.empty(b, dtype=torch.int64) if self.class_cond else None
+                flips = torch.zeros(b, dtype=torch.bool)
+                yield (images, labels, flips), images, labels, flips
+            else:
+                j = (seq - 1) % self.shared.n
+                self.shared.stamps[wid, j] = -1  # being filled
+                labels = self.shared.labels[wid, j] if self.shared.labels is not None else None
+                yield (wid, j, seq), self.shared.images[wid, j], labels, self.shared.flips[wid, j]
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        if info is not None:
+            _cache_pil_blocks()
+        worker = (self.first + wid) % self.layout.workers  # the logical worker this process plays
+        q = self.layout.slot(self.rank, worker)
+        b, seed = self.layout.batch_size, self.layout.seed
+        counter = _Counter()
+        items = slot_items(self.layout, self.urls, q, self.positions[worker], self.policy,
+                           lambda kind: counter.add("skipped", kind))
+        buffers = self._buffers(wid)
+        ref, images, labels, flips = next(buffers)
+        arrays, flip_bits, n = images.numpy(), flips.numpy(), 0
+        for item in items:
+            try:
+                arr, label = self._decode(item, counter)
+            except BadInput as e:
+                if self.policy == "raise":
+                    raise BadInputError(f"{e.kind} in shard {item.url} key {item.key}: {e.detail}") from None
+                counter.add("skipped", e.kind, f"{item.url} key {item.key}" if item.key else item.url, e.detail)
+                continue
+            arrays[n] = arr
+            flip_bits[n] = self.random_flip and flip_bit(seed, item.epoch, item.index)
+            if labels is not None:
+                labels[n] = label
+            n += 1
+            if n == b:
+                if self.shared is not None:
+                    self.shared.stamps[ref[0], ref[1]] = ref[2]
+                yield ref, (worker, item.pos, dict(counter.counts), dict(counter.examples))
+                ref, images, labels, flips = next(buffers)
+                arrays, flip_bits, n = images.numpy(), flips.numpy(), 0
+
+
+class ShardLoader:
+    """Infinite iterable of (images, labels) for one rank; see the module docstring.
+
+    images: (b, 3, R, R) float32 in [-1, 1] (or `dtype`); labels: int64 (b,) when class_cond,
+    else None. Each `iter()` continues from the current position (images_seen / state).
+    """
+
+    def __init__(self, shard_set: ShardSet, layout: Layout, *, rank: int, resolution: int,
+                 class_cond: bool, random_flip: bool, bad_input: str, num_workers: int,
+                 start_images: int, device=None, dtype=torch.float32, prefetch_factor: int = 2):
+        if not 0 <= rank < layout.world_size:
+            raise ValueError(f"rank {rank} not in [0, {layout.world_size})")
+        self.shard_set, self.layout, self.rank = shard_set, layout, rank
+        self.resolution, self.class_cond, self.random_flip = resolution, class_cond, random_flip
+        self.bad_input = check_policy(bad_input)
+        self.num_workers, self.device, self.dtype = num_workers, device, dtype
+        self.prefetch_factor = prefetch_factor
+        self._images_seen = int(start_images)
+        self._positions = None  # per-worker slot positions (planned samples); None: from images_seen
+        self._base_counts: dict[str, int] = {}
+        self._live_counts: dict[int, dict] = {}
+        self._warned: set[str] = set()
+
+    # -- what the training loop reads -------------------------------------------------------
+    @property
+    def images_seen(self) -> int:
+        """Global images consumed (all ranks): start_images + batches yielded * b * R."""
+        return self._images_seen
+
+    @property
+    def epoch(self) -> float:
+        """Global progress in epochs (images_seen / dataset size)."""
+        return self._images_seen / self.layout.num_samples
+
+    @property
+    def bad_input_counts(self) -> dict[str, int]:
+        """This rank's counts of converted/skipped bad input, e.g. {"skipped.corrupt_image": 2}."""
+        total = dict(self._base_counts)
+        for c in self._live_counts.values():
+            for k, v in c.items():
+                total[k] = total.get(k, 0) + v
+        return dict(sorted(total.items()))
+
+    @property
+    def num_samples(self) -> int:
+        return self.layout.num_samples
+
+    @property
+    def classes(self) -> list | None:
+        return self.shard_set.classes
+
+    @property
+    def batch_size(self) -> int:
+        return self.layout.batch_size
+
+    def _count_at_build(self, key: str, where: str):
+        self._base_counts[key] = self._base_counts.get(key, 0) + 1
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"cmscale.data: {key.replace('.', ' bad input: ')} ({where}); its complete "
+                          "samples are used", BadInputWarning, stacklevel=3)
+
+    # -- resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's reader state; exact resume even after skipped samples (same layout)."""
+        positions = self._positions or self.layout.start_positions(self._images_seen, self.rank)[1]
+        return dict(images_seen=self._images_seen, positions=list(positions),
+                    layout=self.layout.fingerprint(self.rank))
+
+    def load_state_dict(self, state: dict):
+        """Continue from `state`; if the layout changed, from its images_seen (see module docstring)."""
+        self._images_seen = int(state["images_seen"])
+        if state.get("layout") == self.layout.fingerprint(self.rank):
+            self._positions = list(state["positions"])
+        else:
+            self._positions = None
+            warnings.warn("cmscale.data: the saved loader state is for another layout (dataset, world "
+                          "size, workers, batch size, seed or block); resuming from its images_seen")
+
+    # -- iteration --------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        first, positions = self.layout.start_positions(self._images_seen, self.rank)
+        if self._positions is not None:
+            positions = list(self._positions)
+        self._positions = list(positions)
+        for c in self._live_counts.values():  # a new iteration restarts the workers' counters
+            for k, v in c.items():
+                self._base_counts[k] = self._base_counts.get(k, 0) + v
+        self._live_counts = {}
+        shared = None
+        if self.num_workers > 0:
+            shared = _SharedBatches(self.num_workers, self.prefetch_factor + 2, self.layout.batch_size,
+                                    self.resolution, self.class_cond)
+        dataset = _SlotDataset(self.layout, self.shard_set.urls, self.rank, first, positions,
+                               resolution=self.resolution, class_cond=self.class_cond,
+                               random_flip=self.random_flip, policy=self.bad_input, shared=shared)
+        kw = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
+        dl = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **kw)
+        step = self.layout.global_batch
+        for ref, (worker, pos, counts, examples) in dl:
+            self._positions[worker] = pos
+            self._live_counts[worker] = counts
+            for key in counts.keys() - self._warned:
+                # Warn here, in the consuming process: warnings raised in workers are easy to miss.
+                self._warned.add(key)
+                warnings.warn(f"cmscale.data: {key.replace('.', ' bad input: ')} ({examples.get(key, '')}); "
+                              "further ones are only counted in loader.bad_input_counts",
+                              BadInputWarning, stacklevel=2)
+            self._images_seen += step
+            if shared is None:
+                images, labels, flips = ref
+            else:
+                wid, j, seq = ref
+                images, flips = shared.images[wid, j], shared.flips[wid, j]
+                labels = shared.labels[wid, j] if shared.labels is not None else None
+            if self.device is not None:
+                images, flips = images.to(self.device), flips.to(self.device)
+                labels = labels.to(self.device) if labels is not None else None
+            elif labels is not None and shared is not None:
+                labels = labels.clone()
+            if self.random_flip and images.device.type == "cpu":
+                # Mirror W of NHWC in place (our buffer until we ask for the next batch), one
+                # image at a time: on contiguous uint8 that is ~15x cheaper than advanced
+                # indexing of the batch or flipping the float output.
+                for i in flips.nonzero().flatten().tolist():
+                    images[i] = images[i].flip(1)
+            elif self.random_flip:  # on an accelerator: one vectorised op, no host sync
+                images = torch.where(flips.view(-1, 1, 1, 1), images.flip(2), images)
+            # A shared buffer is reused later: copy out (conversion, device copy or clone) first.
+            out = self._convert(images, copy=shared is not None and images.device.type == "cpu")
+            if shared is not None and int(shared.stamps[wid, j]) != seq:
+                raise RuntimeError("cmscale.data: a worker reused a batch buffer still in use; "
+                                   "this is a bug, please report it with your DataLoader settings")
+            yield out, labels
+
+    def _convert(self, images: torch.Tensor, copy: bool) -> torch.Tensor:
+        """uint8 NHWC -> NCHW: float in [-1, 1] (contiguous), or a uint8 NCHW view (of a copy)."""
+        x = images.permute(0, 3, 1, 2)
+        if self.dtype == torch.uint8:
+            return x.clone() if copy else x
+        # Same arithmetic as the reference, float32(x) / 127.5 - 1 (torch.div(uint8, 127.5)
+        # gives the same values through a 4x slower mixed-type path).
+        x = x.float().div_(127.5).sub_(1.0)
+        return x.to(self.dtype).contiguous()
+
+
+def build_loader(shards, *, batch_size_per_rank: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int = 0, start_images: int = 0,
+                 resolution: int | None = None, class_cond: bool = False,
+                 random_flip: bool = True, bad_input: str = "skip", manifest: str | None = None,
+                 shuffle_block: int = 1000, state: dict | None = None, device=None,
+                 dtype: torch.dtype = torch.float32, prefetch_factor: int = 2) -> ShardLoader:
+    """Build one rank's infinite loader over WebDataset shards (see the module docstring).
+
+    shards: path, directory, brace pattern, glob, `pipe:` URL, or a list of them
+        (`cmscale.data.shardlist`). resolution: output size; default the manifest's.
+    start_images: global images already consumed (resume). state: a `state_dict()` of this
+        rank (exact resume with skipped samples); its images_seen overrides start_images.
+    shuffle_block: samples per shuffle block (raw bytes of that many samples per worker in RAM).
+    device: move each batch there (as uint8) before converting. dtype: float32 (default) or
+        another float type for [-1, 1] contiguous NCHW; torch.uint8 for the raw 0..255 NCHW view
+        (a permuted NHWC tensor) to convert yourself.
+    """
+    check_policy(bad_input)
+    shard_set = load_shard_set(shards, manifest=manifest)
+    if resolution is None:
+        resolution = shard_set.resolution
+        if resolution is None:
+            raise ValueError(f"no manifest gives the resolution of {shards!r}: pass resolution=")
+    layout = Layout(counts=shard_set.counts, world_size=world_size, workers=max(1, num_workers),
+                    batch_size=batch_size_per_rank, seed=seed, block=shuffle_block)
+    loader = ShardLoader(shard_set, layout, rank=rank, resolution=int(resolution),
+                         class_cond=class_cond, random_flip=random_flip, bad_input=bad_input,
+                         num_workers=num_workers, start_images=start_images, device=device,
+                         dtype=dtype, prefetch_factor=prefetch_factor)
+    for url in shard_set.truncated or ():
+        # Found while counting a shard without manifest entry: the plan stops before the cut.
+        if bad_input == "raise":
+            raise BadInputError(f"shard {url} is truncated (found while counting its samples)")
+        loader._count_at_build("skipped.truncated_shard", url)
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader

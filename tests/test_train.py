@@ -1,0 +1,215 @@
+"""The training system end to end: real processes, real shards, real checkpoints on disk."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cmscale import checkpoint
+from cmscale.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny CT run on the embedded digits: 16 px, batch 8, 6 steps, checkpoint at step 3.
+TINY = [
+    "data.shards=embedded:sklearn:digits", "data.resolution=16", "data.num_workers=1",
+    "net.preset=tiny16", "loss.mode=ct", "train.total_steps=6", "train.global_batch=8",
+    "ema.rates=[0.9,0.99]", "checkpoint.every_images=24", "checkpoint.keep_last=5",
+    "log.every_steps=1", "log.progress_bar=false", "log.tensorboard=false",
+    "sample.num_grid=4", "optim.lr=1e-3",
+]
+
+
+def _env(tmp_cache):
+    env = dict(os.environ, CMSCALE_CACHE=str(tmp_cache), OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    # One shard cache for the module: built by the first run, reused by the others.
+    return tmp_path_factory.mktemp("cache")
+
+
+def train(run_dir, cache, *extra, background=False, nproc=1):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "cmscale.train", "--run-dir", str(run_dir), *TINY, *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "cmscale.train", "--run-dir", str(run_dir),
+               *TINY, *extra]
+    kw = dict(env=_env(cache), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+              text=True)
+    if background:
+        return subprocess.Popen(cmd, **kw)
+    return subprocess.run(cmd, timeout=600, **kw)
+
+
+def final_state(run_dir):
+    """Weights, optimizer-free: model + target + EMAs of the newest checkpoint, as tensors."""
+    from torch.distributed.checkpoint import FileSystemReader  # noqa: F401 (DCP present)
+
+    from cmscale.export import load_run_network
+
+    nets = {}
+    for which in ("online", "target", "ema_0_9", "ema_0_99"):
+        net, _, meta = load_run_network(str(run_dir), which)
+        nets[which] = {k: v.clone() for k, v in net.state_dict().items()}
+    return nets, meta
+
+
+def losses_of(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_bad_config_is_a_clear_error_before_work(tmp_path, cache):
+    r = train(tmp_path / "run", cache, "loss.mode=dc")
+    assert r.returncode == 2 and "loss.mode='dc'" in r.stdout
+    assert not (tmp_path / "run").exists()
+    r = train(tmp_path / "run", cache, "train.global_batch=7", "train.micro_batch=2")
+    assert r.returncode == 2 and "micro_batch" in r.stdout
+    with pytest.raises(ConfigError, match="loss.teacher"):
+        load_config(None, ["loss.mode=cd"])
+
+
+def test_dry_run_prints_config_and_size(tmp_path, cache):
+    r = train(tmp_path / "run", cache, "--dry-run")
+    assert r.returncode == 0, r.stdout
+    assert "parameters:" in r.stdout and "mode: ct" in r.stdout
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path, cache):
+    straight = tmp_path / "straight"
+    r = train(straight, cache)
+    assert r.returncode == 0, r.stdout
+    assert (straight / "samples").is_dir() and list((straight / "samples").iterdir())
+
+    killed = tmp_path / "killed"
+    p = train(killed, cache, background=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not checkpoint.latest_checkpoint(killed, warn=False):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = checkpoint.latest_checkpoint(killed, warn=False)
+    assert done is not None and done.nimg == 24, "no checkpoint was written before the kill"
+    r = train(killed, cache)
+    assert r.returncode == 0, r.stdout
+    assert "resumed from" in r.stdout
+
+    a, meta_a = final_state(straight)
+    b, meta_b = final_state(killed)
+    assert meta_a["nimg"] == meta_b["nimg"] == 48
+    for which in a:
+        for k in a[which]:
+            assert torch.equal(a[which][k], b[which][k]), (which, k)
+    la, lb = losses_of(straight), losses_of(killed)
+    for step in range(4, 7):
+        assert la[step] == lb[step]
+
+    # a re-submitted finished run ends cleanly without training
+    r = train(killed, cache)
+    assert r.returncode == 0 and "already finished" in r.stdout
+
+
+def test_partial_checkpoint_is_ignored(tmp_path, cache):
+    run = tmp_path / "run"
+    r = train(run, cache, "train.total_steps=3", "checkpoint.every_images=0")
+    assert r.returncode == 0, r.stdout
+    # a later checkpoint dir without commit marker (killed mid-write) must be skipped
+    partial = checkpoint.checkpoint_path(run, 10**6)
+    partial.mkdir(parents=True)
+    (partial / "__0_0.distcp").write_bytes(b"truncated")
+    latest = checkpoint.latest_checkpoint(run, warn=False)
+    assert latest.path.name == "nimg-000000000024"
+    r = train(run, cache, "train.total_steps=3", "checkpoint.every_images=0")
+    assert r.returncode == 0 and "already finished" in r.stdout
+
+
+def test_forced_nan_never_reaches_weights_or_checkpoints(tmp_path, cache):
+    run = tmp_path / "run"
+    r = train(run, cache, "train.total_steps=4", "train.inject_nan_at=[1,2]",
+              "checkpoint.every_images=0")
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.count("non-finite") >= 2
+    nets, meta = final_state(run)
+    for which, sd in nets.items():
+        assert all(torch.isfinite(v).all() for v in sd.values()), which
+    # repeated non-finite steps stop the run with its exit code and no new checkpoint
+    run2 = tmp_path / "run2"
+    r = train(run2, cache, "train.total_steps=6", "train.inject_nan_at=[0,1,2,3,4,5]",
+              "train.max_nonfinite_steps=3", "checkpoint.every_images=0")
+    assert r.returncode == 65, r.stdout
+    assert "consecutive non-finite" in r.stdout
+    assert checkpoint.list_checkpoints(run2) == []
+
+
+def launch_ranks(run_dir, cache, nproc, *extra):
+    """nproc processes with torchrun's environment, started by hand (as srun starts tasks), so
+    each one's own exit code can be checked."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(nproc):
+        env = dict(_env(cache), RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, "-m", "cmscale.train", "--run-dir", str(run_dir), *TINY, *extra]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+@pytest.mark.dist
+def test_signal_to_two_process_run_checkpoints_and_exits_75(tmp_path, cache):
+    run = tmp_path / "run"
+    procs = launch_ranks(run, cache, 2, "train.total_steps=100000", "checkpoint.every_images=0")
+    # wait until training steps are being logged, then signal every rank (as SLURM does)
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], outs
+    done = checkpoint.latest_checkpoint(run, warn=False)
+    assert done is not None and "stop signal" in outs[0], outs[0]
+    info = json.loads((done.path / "commit.json").read_text())
+    assert info["reason"] == "preempted" and info["world_size"] == 2
+    # the same command resumes from it (here: 1 rank, the DDP path reshards the EMAs)
+    r = train(run, cache, "train.total_steps=%d" % (info["step"] + 2), "checkpoint.every_images=0")
+    assert r.returncode == 0, r.stdout
+    assert "saved by 2 ranks" in r.stdout
+
+
+@pytest.mark.dist
+def test_two_ranks_ddp_match_one_process_with_the_same_global_batch(tmp_path, cache):
+    # data.streams and train.micro_batch fixed: both runs see the same global batches and draw
+    # the same noise per sample; one process accumulates 2 micro-batches, two ranks average.
+    common = ["train.total_steps=3", "checkpoint.every_images=0", "data.streams=2",
+              "train.micro_batch=4"]
+    one = tmp_path / "one"
+    r = train(one, cache, *common)
+    assert r.returncode == 0, r.stdout
+    two = tmp_path / "two"
+    procs = launch_ranks(two, cache, 2, *common)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    a, _ = final_state(one)
+    b, _ = final_state(two)
+    for which in a:
+        for k in a[which]:
+            torch.testing.assert_close(a[which][k], b[which][k], atol=1e-5, rtol=1e-4)
+    la, lb = losses_of(one), losses_of(two)
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5)
