@@ -55,7 +55,7 @@ def test_reference_hyperparameters():
     ("loss.metric=l3", "loss.metric='l3'"),
     ("optim.lr=-1", "optim.lr=-1.0: must be > 0"),
     ("ema.rates=[1.5]", "ema.rates"),
-    ("sample.ts=[0,200]", "sample.ts"),
+    ("sample.ts=[0,5000]", "sample.ts"),
     ("trian.seed=1", "unknown config key 'trian'"),
     ("train.zero_stage=4", "train.zero_stage"),
     ("data.bad_input=ignore", "data.bad_input"),
