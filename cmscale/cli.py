@@ -7,6 +7,8 @@ import sys
 COMMANDS = {
     "train": ("cmscale.train", "train or resume a run from a YAML recipe"),
     "export": ("cmscale.export", "write one network of a run as a single weights file"),
+    "sample": ("cmscale.sample", "generate images (PNGs, grid, evaluator .npz), any world size"),
+    "edit": ("cmscale.editing", "zero-shot editing: inpaint, colorize, superres, stroke, ..."),
 }
 
 
