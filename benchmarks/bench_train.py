@@ -38,14 +38,16 @@ MODELS = {
 }
 
 
-def timed(fn, steps: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_pair(fa, fb, steps: int) -> tuple[float, float]:
+    """Medians of fa and fb timed alternately (a shared machine drifts; pairs see the same)."""
+    fa(), fb()  # warm-up
+    ta, tb = [], []
     for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, times in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def bench(name: str, overrides: list[str], steps: int):
@@ -56,8 +58,6 @@ def bench(name: str, overrides: list[str], steps: int):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(b, 3, res, res, generator=g) * 2 - 1
     batches = [(images, None)]
-
-    full = timed(lambda: trainer.train_step(batches), steps)
 
     net, target = trainer.net, trainer.target
     sigma = torch.full((b,), 2.0)
@@ -71,7 +71,7 @@ def bench(name: str, overrides: list[str], steps: int):
         ((out - tgt) ** 2).mean().backward()
         net.zero_grad(set_to_none=True)
 
-    bare_t = timed(bare, steps)
+    full, bare_t = timed_pair(lambda: trainer.train_step(batches), bare, steps)
     params = sum(p.numel() for p in net.parameters())
     print(f"{name}: {params:,} parameters, batch {b} at {res}px")
     print(f"  full step  {full * 1e3:9.1f} ms   {b / full:8.1f} images/s")

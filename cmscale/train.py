@@ -26,6 +26,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    # First thing: a pre-timeout warning that arrives while torch is still importing must set
+    # the stop flag, not kill the process (default action of SIGUSR1).
+    from . import dist
+
+    dist.install_signal_handlers()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -119,7 +119,9 @@ def schedule(cfg: Config, step: int) -> tuple[int | None, float | None]:
 def build_optimizer(cfg: Config, params):
     oc = cfg.optim
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    return cls[oc.name](params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+    # foreach: one fused kernel per op over all tensors instead of a Python loop per parameter
+    return cls[oc.name](params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
+                        foreach=True)
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -619,4 +621,10 @@ def training_loop(cfg: Config, run_dir: str) -> int:
     try:
         return Trainer(cfg, run_dir).run()
     finally:
+        # The outcome is decided (and saved): a late duplicate warning must not kill the
+        # process while the interpreter shuts down and turn exit 75 into 128+N.
+        import signal
+
+        for sig in dist.STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         dist.shutdown()
