@@ -80,11 +80,12 @@ def build_teacher(cfg: Config, device) -> torch.nn.Module:
     preset = cfg.loss.teacher_preset or cfg.net.preset
     raw = create_unet(preset, **{**cfg.net.overrides, "dropout": cfg.loss.teacher_dropout})
     state = load_state_dict(cfg.loss.teacher)
-    missing, unexpected = raw.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"teacher {cfg.loss.teacher} does not fit preset {preset!r}: "
-            f"missing {missing[:3]}..., unexpected {unexpected[:3]}...")
+    try:
+        raw.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
+        first = str(e).strip().splitlines()[:3]
+        raise ValueError(f"teacher {cfg.loss.teacher} does not fit preset {preset!r} "
+                         f"(loss.teacher_preset): {' '.join(first)}") from None
     teacher = EDMPrecond(raw, sigma_data=cfg.net.sigma_data, sigma_min=cfg.net.sigma_min,
                          sigma_max=cfg.net.sigma_max)
     return teacher.to(device).eval().requires_grad_(False)

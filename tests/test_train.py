@@ -213,3 +213,29 @@ def test_two_ranks_ddp_match_one_process_with_the_same_global_batch(tmp_path, ca
     la, lb = losses_of(one), losses_of(two)
     for step in la:
         assert la[step] == pytest.approx(lb[step], rel=1e-5)
+
+
+def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
+    # An EDM teacher trains, is exported as one weights file, and teaches CD (Heun) from it.
+    teacher_run = tmp_path / "edm"
+    r = train(teacher_run, cache, "loss.mode=edm", "train.total_steps=2",
+              "checkpoint.every_images=0")
+    assert r.returncode == 0, r.stdout
+    out = tmp_path / "teacher.safetensors"
+    e = subprocess.run([sys.executable, "-m", "cmscale.export", str(teacher_run), "--out",
+                        str(out)], env=_env(cache), cwd=ROOT, capture_output=True, text=True)
+    assert e.returncode == 0, e.stderr
+    cd_run = tmp_path / "cd"
+    r = train(cd_run, cache, "loss.mode=cd", f"loss.teacher={out}", "train.total_steps=2",
+              "checkpoint.every_images=0")
+    assert r.returncode == 0, r.stdout
+    losses = losses_of(cd_run)
+    assert all(v == v and v > 0 for v in losses.values())  # finite, positive
+    # a teacher file that does not fit the preset is a clear error before training
+    r = train(tmp_path / "bad", cache, "loss.mode=cd", f"loss.teacher={out}",
+              "loss.teacher_preset=tiny32")
+    assert r.returncode == 2 and "does not fit preset" in r.stdout
+    # fp16 with dynamic loss scaling runs on the DDP path
+    r = train(tmp_path / "fp16", cache, "train.precision=fp16", "train.total_steps=2",
+              "checkpoint.every_images=0")
+    assert r.returncode == 0, r.stdout
