@@ -169,11 +169,16 @@ class _PairLoss:
                  sigma_max: float = schedules.SIGMA_MAX, rho: float = schedules.RHO):
         self.metric = make_metric(metric) if isinstance(metric, str) else metric
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self._grids: dict = {}
 
     def sigmas(self, num_scales: int, device) -> torch.Tensor:
-        return schedules.karras_sigmas(num_scales, self.sigma_min, self.sigma_max, self.rho).to(
-            device=device, dtype=torch.float32
-        )
+        # N changes a few hundred times in a run: build each grid once, not every step.
+        key = (num_scales, str(device))
+        if key not in self._grids:
+            self._grids[key] = schedules.karras_sigmas(
+                num_scales, self.sigma_min, self.sigma_max, self.rho).to(device=device,
+                                                                         dtype=torch.float32)
+        return self._grids[key]
 
     def sample_index(self, num_scales: int, batch: int, device) -> torch.Tensor:
         """n ~ U{0, ..., N-2} (Algorithms 2 and 3)."""

@@ -69,6 +69,7 @@ import torch
 
 from . import dist, schedules
 from .sampling import PerImageNoise, sample_sigmas, ts_to_sigmas
+from .imageio import make_grid, save_png  # noqa: F401 (save_png: editing and tools use it from here)
 
 GRID_IMAGES = 64
 _LABEL_STREAM = 0x6C61626C  # "labl": separates label draws from the noise stream (seed, i)
@@ -293,20 +294,6 @@ def _tmp(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}"
 
 
-def save_png(array: np.ndarray, path: str, min_side: int = 0) -> None:
-    """Write a uint8 HWC (or HW) array as PNG atomically; ``min_side`` enlarges (nearest)."""
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img = Image.fromarray(np.ascontiguousarray(array))
-    scale = max(1, min_side // max(1, min(img.size))) if min_side else 1
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = _tmp(path)
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def save_npy(array: np.ndarray, path: str) -> None:
     tmp = _tmp(path)
     with open(tmp, "wb") as f:
@@ -346,8 +333,6 @@ def write_npz(path: str, arrays: dict) -> None:
 
 def grid_png(images: np.ndarray, path: str) -> None:
     """Save a square-ish grid of uint8 (B, H, W, 3) images (enlarged to be seen)."""
-    from .training_loop import make_grid
-
     grid = make_grid(from_uint8(images))
     save_png(grid.permute(1, 2, 0).numpy(), path, min_side=512)
 

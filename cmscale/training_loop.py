@@ -50,6 +50,7 @@ from . import checkpoint, dist, losses, parallel, schedules
 from .config import Config, dump_config
 from .ema import ShardedAverage, ema_name, frozen_copy, update_average
 from .networks import ConsistencyPrecond, EDMPrecond, create_unet
+from .imageio import make_grid, save_png
 from .weights import load_state_dict
 
 EXIT_NONFINITE = 65
@@ -263,32 +264,6 @@ def sample_grid(net, cfg: Config, device, n: int | None = None) -> torch.Tensor:
                             rho=cfg.net.rho, **grid_kw)]
     net.train(was_training)
     return torch.cat([make_grid(p) for p in panels], dim=2)
-
-
-def make_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> uint8 (3, rows*(H+pad), cols*(W+pad)) square-ish grid."""
-    b, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    out = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
-    img = ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    for i in range(b):
-        r, q = divmod(i, cols)
-        out[:, pad + r * (h + pad):pad + r * (h + pad) + h,
-            pad + q * (w + pad):pad + q * (w + pad) + w] = img[i]
-    return out
-
-
-def save_png(grid: torch.Tensor, path: str, min_side: int = 512):
-    """Save a uint8 CHW grid; small grids are enlarged (nearest) so a person can see them."""
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    scale = max(1, min_side // max(1, min(img.size)))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -610,7 +585,7 @@ class Trainer:
             grid = sample_grid(net, self.cfg, self.device)
             nimg = self.step * self.cfg.train.global_batch
             path = os.path.join(self.run_dir, "samples", f"grid-{nimg:012d}.png")
-            save_png(grid, path)
+            save_png(grid.permute(1, 2, 0).numpy(), path, min_side=512)
             log.image("samples/onestep_multistep", grid, self.step)
             dist.print0(f"samples (left: 1 step, right: {len(self.cfg.sample.ts) - 1} steps): "
                         f"{path}")
