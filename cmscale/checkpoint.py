@@ -618,7 +618,7 @@ def load_latest(run_dir: str | os.PathLike, state: dict[str, Any], *, strict: bo
 # Pruning
 
 
-def keep_last(run_dir: str | os.PathLike, k: int) -> list[pathlib.Path]:
+def keep_last(run_dir: str | os.PathLike, k: int, protect=()) -> list[pathlib.Path]:
     """Delete all but the ``k`` newest complete checkpoints; return what was deleted.
 
     Also deletes incomplete directories *older* than the newest complete checkpoint
@@ -627,7 +627,8 @@ def keep_last(run_dir: str | os.PathLike, k: int) -> list[pathlib.Path]:
     may still be writing. Runs on rank 0 only (other ranks return []), so call it
     after ``save`` on every rank or on rank 0 alone. The marker is removed first, so
     a kill during deletion leaves a directory that is ignored, never a marker over
-    missing files.
+    missing files. ``protect``: nimg values whose complete checkpoints are kept as well
+    (the best one by FID).
     """
     if k < 1:
         raise ValueError(f"keep_last needs k >= 1, got {k}")
@@ -637,7 +638,8 @@ def keep_last(run_dir: str | os.PathLike, k: int) -> list[pathlib.Path]:
     complete = [c for c in ckpts if c.complete]
     if not complete:
         return []
-    keep = {c.path for c in complete[-k:]}
+    keep = {c.path for c in complete[-k:]} | {c.path for c in complete
+                                              if c.nimg in {int(n) for n in protect}}
     newest = complete[-1].nimg
     deleted = []
     for c in ckpts:

@@ -121,6 +121,20 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_images: int = 0                    # FID every this many images and at the end (0 = off)
+    ema: str = ""                            # which average ("" = sample.ema, else the first EMA)
+    samplers: list = field(default_factory=list)  # [] = onestep + ts=sample.ts/sample.steps
+    num_images: int = 1000                   # generated images per FID (the paper: 50000)
+    extractor: str = "inception"             # inception | digits (offline, embedded digits)
+    inception: str = ""                      # local inception-2015-12-05.pt (else the cache)
+    ref: str = ""                            # reference statistics (tools/ref_stats.py); "" for
+                                             # embedded data: made from the dataset and cached
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     net: NetConfig = field(default_factory=NetConfig)
@@ -131,6 +145,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,6 +237,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("ddp", "deepspeed"),
     "data.bad_input": ("convert", "skip", "raise"),
+    "eval.extractor": ("inception", "digits"),
 }
 
 
@@ -254,6 +270,9 @@ def validate(cfg: Config) -> Config:
         ("checkpoint.every_images", cfg.checkpoint.every_images >= 0, "must be >= 0"),
         ("log.every_steps", cfg.log.every_steps > 0, "must be > 0"),
         ("sample.steps", cfg.sample.steps >= 2, "must be >= 2"),
+        ("eval.every_images", cfg.eval.every_images >= 0, "must be >= 0"),
+        ("eval.num_images", cfg.eval.num_images >= 2, "must be >= 2"),
+        ("eval.batch_size", cfg.eval.batch_size > 0, "must be > 0"),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -266,6 +285,20 @@ def validate(cfg: Config) -> Config:
     ts = [int(t) for t in cfg.sample.ts]
     if len(ts) < 2 or any(a >= b for a, b in zip(ts, ts[1:])) or ts[-1] >= cfg.sample.steps:
         raise ConfigError(f"sample.ts={cfg.sample.ts}: increasing indices below sample.steps")
+    if cfg.eval.every_images:
+        from .evaluation import parse_sampler
+
+        for text in cfg.eval.samplers:
+            try:
+                kind = parse_sampler(text)["kind"]
+            except ValueError as e:
+                raise ConfigError(f"eval.samplers: {e}") from None
+            if (kind == "edm") != (cfg.loss.mode == "edm"):
+                raise ConfigError(f"eval.samplers: {text!r} does not fit loss.mode="
+                                  f"{cfg.loss.mode!r} (EDM denoisers take edm[=N] only)")
+        if not cfg.eval.ref and not cfg.data.shards.startswith("embedded:"):
+            raise ConfigError("eval.ref: periodic FID needs reference statistics for your data "
+                              "(python tools/ref_stats.py SRC OUT.npz, then eval.ref=OUT.npz)")
     return cfg
 
 

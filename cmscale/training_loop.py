@@ -54,6 +54,25 @@ from .imageio import make_grid, save_png
 from .weights import load_state_dict
 
 EXIT_NONFINITE = 65
+BEST_FILE = "best.json"  # the checkpoint with the lowest periodic FID (see Trainer.evaluate)
+
+
+def read_best(run_dir: str) -> dict | None:
+    """The run's ``best.json`` (nimg, step, checkpoint, metric, fid, ema), or None."""
+    try:
+        with open(os.path.join(run_dir, BEST_FILE)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def step_seed(seed: int, step: int, offset: int) -> int:
@@ -293,6 +312,14 @@ class Trainer:
                                                  self.info.world_size)
                      for r in cfg.ema.rates}
         self.loss_fn = build_loss(cfg, self.device)
+        # Periodic FID: extractor and reference statistics now, so that missing weights or
+        # statistics are an error before training starts (collective).
+        self.evaluator = None
+        if cfg.eval.every_images:
+            from .evaluation import PeriodicEval
+
+            self.evaluator = PeriodicEval(cfg, self.device)
+        self.saved_step = -1  # the step of the newest checkpoint this process wrote
         self.scaler = None
         self.engine = None  # the DeepSpeed engine (train.backend=deepspeed)
         if tc.backend == "deepspeed":
@@ -350,7 +377,11 @@ class Trainer:
             state["deepspeed"] = parallel.DeepSpeedFiles(
                 self.engine, checkpoint.checkpoint_path(self.run_dir, nimg))
         path = checkpoint.save(self.run_dir, state, meta)
-        checkpoint.keep_last(self.run_dir, self.cfg.checkpoint.keep_last) if dist.is_main() else None
+        self.saved_step = self.step
+        if dist.is_main():
+            best = read_best(self.run_dir)
+            checkpoint.keep_last(self.run_dir, self.cfg.checkpoint.keep_last,
+                                 protect=[best["nimg"]] if best else ())
         dist.print0(f"checkpoint: {path} ({reason})")
 
     def check_resumable(self) -> None:
@@ -546,6 +577,9 @@ class Trainer:
             se = cfg.log.sample_every_images
             if se and nimg // se != (nimg - gb) // se:
                 self.write_samples(log)
+            ev = cfg.eval.every_images
+            if ev and nimg // ev != (nimg - gb) // ev and self.step < tc.total_steps:
+                self.evaluate(log)
             if dist.should_stop():
                 self.save("preempted")
                 dist.print0(f"stop signal: checkpointed at step {self.step}; "
@@ -553,7 +587,38 @@ class Trainer:
                 return dist.EXIT_REQUEUE
         self.save("final")
         self.write_samples(log)
+        if self.evaluator is not None:
+            self.evaluate(log)
         return 0
+
+    def evaluate(self, log: Logger) -> dict:
+        """FID of ``eval.ema`` with every ``eval.samplers`` setting (all ranks), logged; the
+        checkpoint of this step (written first if there is none) becomes ``best.json``'s when
+        its first setting's FID is the lowest so far. Collective."""
+        cfg = self.cfg
+        if self.saved_step != self.step:
+            self.save("eval")
+        which = cfg.eval.ema or cfg.sample.ema
+        net = self.eval_net(which)
+        res = self.evaluator(net)
+        nimg = self.step * cfg.train.global_batch
+        log.scalars({"step": self.step, "nimg": nimg, **res}, self.step)
+        if dist.is_main():
+            key = f"fid/{self.evaluator.primary}"
+            value, best = res[key], read_best(self.run_dir)
+            if math.isfinite(value) and (best is None or value < best["fid"]
+                                         or best["nimg"] == nimg):
+                path = checkpoint.checkpoint_path(self.run_dir, nimg)
+                write_json_atomic(os.path.join(self.run_dir, BEST_FILE), {
+                    "nimg": nimg, "step": self.step, "checkpoint": os.path.relpath(
+                        path, self.run_dir), "metric": key, "fid": value,
+                    "ema": which or (next(iter(self.emas)) if self.emas else "online"),
+                    "all": {k: v for k, v in res.items() if k.startswith("fid/")}})
+                dist.print0(f"best checkpoint so far: {path} ({key} {value:.4g})")
+                # the previous best is now an ordinary checkpoint
+                checkpoint.keep_last(self.run_dir, cfg.checkpoint.keep_last, protect=[nimg])
+        dist.barrier()
+        return res
 
     def eval_net(self, name: str = "") -> torch.nn.Module:
         """A whole network for sampling: an EMA (gathered; collective), or online/target."""

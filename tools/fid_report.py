@@ -53,6 +53,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from cmscale import checkpoint, dist  # noqa: E402
+from cmscale.evaluation import make_generate, parse_sampler  # noqa: E402
 from cmscale.metrics import features as F  # noqa: E402
 from cmscale.metrics import fid as M  # noqa: E402
 
@@ -62,29 +63,6 @@ CSV_FIELDS = ["run", "checkpoint", "nimg", "ema", "sampler", "nfe", "num", "seed
 
 
 # ----------------------------------------------------------------------------- combinations
-
-
-def parse_sampler(text: str) -> dict:
-    """'onestep' | 'ts=0,20,39/40' | 'sigmas=80,0.8' | 'edm[=N]' -> canonical spec dict."""
-    t = text.replace(" ", "")
-    if t in ("onestep", "1step", "one"):
-        return {"name": "onestep", "kind": "onestep"}
-    if t.startswith("ts="):
-        body = t[3:]
-        if "/" not in body:
-            raise ValueError(f"sampler {text!r}: write ts=I0,I1,.../STEPS (e.g. ts=0,20,39/40)")
-        ts, steps = body.rsplit("/", 1)
-        ts_l = [int(x) for x in ts.split(",") if x]
-        return {"name": f"ts={','.join(map(str, ts_l))}/{int(steps)}", "kind": "ts",
-                "ts": ",".join(map(str, ts_l)), "steps": int(steps)}
-    if t.startswith("sigmas="):
-        levels = [float(x) for x in t[7:].split(",") if x]
-        return {"name": f"sigmas={','.join(repr(v) for v in levels)}", "kind": "sigmas",
-                "sigmas": ",".join(repr(v) for v in levels)}
-    if t == "edm" or t.startswith("edm="):
-        steps = int(t[4:]) if "=" in t else 18
-        return {"name": f"edm={steps}", "kind": "edm", "steps": steps}
-    raise ValueError(f"unknown sampler {text!r} (onestep, ts=I,J,.../STEPS, sigmas=A,B,..., edm[=N])")
 
 
 def run_config(run_dir: str):
@@ -189,32 +167,6 @@ def load_network(run_dir: str, ckpt: str, which: str, device):
     elif target is not None:
         net = target
     return net.eval().to(device).requires_grad_(False), cfg, meta
-
-
-def make_generate(net, cfg, sampler: dict, seed: int, batch_size: int, device):
-    """generate(indices) -> images in [-1, 1]: a pure function of the indices."""
-    from cmscale.sample import FixedShapeNet, Plan, image_labels
-    from cmscale.sampling import PerImageNoise
-
-    info = {"sigma_min": cfg.net.sigma_min, "sigma_max": cfg.net.sigma_max, "rho": cfg.net.rho,
-            "mode": cfg.loss.mode}
-    kind = sampler["kind"]
-    plan = Plan(info, ts=sampler.get("ts") if kind == "ts" else None,
-                steps=sampler.get("steps") if kind in ("ts", "edm") else None,
-                sigmas=sampler.get("sigmas") if kind == "sigmas" else None)
-    raw = net.model
-    shape = (raw.in_channels, raw.image_size, raw.image_size)
-    shaped = FixedShapeNet(net, batch_size)
-
-    @torch.no_grad()
-    def generate(indices):
-        idx = [int(i) for i in indices]
-        noise = PerImageNoise(seed, idx, shape, device=device)
-        labels = image_labels(seed, idx, raw.num_classes, device=device)
-        return plan(shaped, noise, labels).float().cpu()
-
-    nfe = (2 * plan.steps - 1) if plan.edm else len(plan.levels)
-    return generate, nfe
 
 
 def write_json_atomic(path: str, obj) -> None:
