@@ -8,7 +8,8 @@ For each model it prints:
 - the same step's bare network compute timed alone (online forward+backward and target
   forward on the same inputs, nothing else), and the ratio full / bare (goal <= 1.10);
 - bytes per rank held by the target network and the evaluation EMAs at 1, 2 and 8 ranks
-  (the EMAs are sharded 1/W; the target is replicated, see cmscale/training_loop.py).
+  between steps (both are sharded 1/W; during a step the target is gathered whole once,
+  see cmscale/ema.py ShardedTarget).
 
 Single process, CPU (or the current GPU); timings are medians over ``--steps`` after warm-up,
 figures are ratios measured in one run.
@@ -23,7 +24,7 @@ import time
 import torch
 
 from cmscale.config import load_config
-from cmscale.ema import ShardedAverage
+from cmscale.ema import ShardedAverage, ShardedTarget
 from cmscale.training_loop import Trainer
 
 MODELS = {
@@ -77,10 +78,11 @@ def bench(name: str, overrides: list[str], steps: int):
     print(f"  full step  {full * 1e3:9.1f} ms   {b / full:8.1f} images/s")
     print(f"  bare net   {bare_t * 1e3:9.1f} ms   {b / bare_t:8.1f} images/s")
     print(f"  overhead   full / bare = {full / bare_t:.3f}")
-    target_bytes = params * 4
     for world in (1, 2, 8):
         emas = [ShardedAverage(net, r, rank=0, world_size=world) for r in cfg.ema.rates]
         ema_bytes = sum(e.local.numel() * e.local.element_size() for e in emas)
+        shard = ShardedTarget(net, rank=0, world_size=world).local if target is not None else None
+        target_bytes = 0 if shard is None else shard.numel() * shard.element_size()
         print(f"  memory per rank, {world} rank(s): target {target_bytes / 2**20:7.2f} MiB + "
               f"{len(emas)} EMAs {ema_bytes / 2**20:7.2f} MiB = "
               f"{(target_bytes + ema_bytes) / 2**20:7.2f} MiB")

@@ -121,25 +121,100 @@ class ShardedAverage:
         return src, dst
 
     @torch.no_grad()
-    def update(self, params=None) -> None:
+    def update(self, params=None, rate: float | None = None) -> None:
         """``avg <- rate * avg + (1 - rate) * param`` on this rank's slice.
 
         ``params``: the full parameters in ``net.parameters()`` order, when they are not the
-        tensors the average was built from (DeepSpeed replaces or partitions those)."""
+        tensors the average was built from (DeepSpeed replaces or partitions those).
+        ``rate``: this update's rate instead of ``self.rate`` (the target's mu(k))."""
+        rate = self.rate if rate is None else float(rate)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"EMA rate must be in [0, 1), got {rate}")
         src, dst = self._views(list(params) if params is not None else self._params)
         if dst:
-            torch._foreach_mul_(dst, self.rate)
-            torch._foreach_add_(dst, src, alpha=1.0 - self.rate)
+            if rate == 0.0:
+                torch._foreach_copy_(dst, src)
+            else:
+                torch._foreach_mul_(dst, rate)
+                torch._foreach_add_(dst, src, alpha=1.0 - rate)
+
+    def full(self) -> torch.Tensor:
+        """The whole flat average (``numel`` entries; collective when W > 1)."""
+        from . import dist
+
+        flat = dist.all_gather_flat(self.local) if self.world_size > 1 else self.local
+        return flat[: self.numel]
 
     @torch.no_grad()
     def gather(self, into: nn.Module) -> nn.Module:
         """Write the whole average into ``into``'s parameters (collective when W > 1)."""
-        from . import dist
-
-        flat = (dist.all_gather_flat(self.local) if self.world_size > 1 else self.local)
-        flat = flat[: self.numel]
+        flat = self.full()
         offset = 0
         for p in into.parameters():
             p.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         return into
+
+
+class ShardedTarget:
+    """The target network of CD/CT, sharded like the evaluation EMAs: 1/W of it per rank.
+
+    The loss needs the whole target for one forward per micro-batch. The first call in a step
+    all-gathers the shards into one flat buffer and runs a parameter-less skeleton of the
+    network on views of it (``torch.func.functional_call``); ``update()`` after the optimizer
+    step drops the buffer. So between steps a rank holds 1/W of the target, and during a step
+    one whole copy, at the cost of one all-gather of the weights per step (what ZeRO-3 pays
+    for the online network). With one rank the shard is the whole target and nothing is
+    gathered. The arithmetic of the update is the replicated target's, so the weights are
+    bitwise the same at any world size.
+
+    ``net``: the online network (plain module). Its train/eval mode and its buffers are used
+    for the target's forward, as a replicated target copies them at every update.
+    """
+
+    def __init__(self, net: nn.Module, rank: int = 0, world_size: int = 1):
+        self.avg = ShardedAverage(net, 0.0, rank, world_size)
+        self.net = net
+        self.names = [n for n, _ in net.named_parameters()]
+        self.shapes = [p.shape for p in net.parameters()]
+        # Structure only: its parameters live on the meta device and are never used.
+        self.skeleton = copy.deepcopy(net).requires_grad_(False).to("meta")
+        self._flat: torch.Tensor | None = None
+
+    @property
+    def local(self) -> torch.Tensor:
+        return self.avg.local
+
+    @property
+    def numel(self) -> int:
+        return self.avg.numel
+
+    def update(self, rate: float, params=None) -> None:
+        """``target <- rate * target + (1 - rate) * net`` on this rank's shard."""
+        self.avg.update(params, rate=rate)
+        self._flat = None
+
+    def release(self) -> None:
+        """Drop the gathered copy (if any) now; the next call gathers again."""
+        self._flat = None
+
+    def parameters_dict(self) -> dict:
+        if self._flat is None:
+            self._flat = self.avg.full()
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            n = shape.numel()
+            out[name] = self._flat[offset:offset + n].view(shape)
+            offset += n
+        out.update(dict(self.net.named_buffers()))
+        return out
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        self.skeleton.train(self.net.training)
+        return torch.func.functional_call(self.skeleton, self.parameters_dict(), args, kwargs)
+
+    @torch.no_grad()
+    def gather(self, into: nn.Module) -> nn.Module:
+        """Write the whole target into ``into``'s parameters (collective when W > 1)."""
+        return self.avg.gather(into)

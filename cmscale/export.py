@@ -15,8 +15,6 @@ import json
 import os
 import sys
 
-import torch
-
 from . import checkpoint
 from .config import load_config
 from .ema import ShardedAverage, ema_name, frozen_copy
@@ -38,7 +36,8 @@ def load_run_network(run_dir: str, which: str = "", ckpt: str | None = None):
     elif which == "target":
         if cfg.loss.mode not in ("cd", "ct"):
             raise ValueError(f"mode {cfg.loss.mode!r} has no separate target network")
-        state["target"] = target = frozen_copy(net)
+        target = ShardedAverage(net, 0.0)
+        state["target"] = checkpoint.FlatShard(target.local, target.numel)
     elif which != "online":
         raise ValueError(f"unknown network {which!r}: choose 'online', 'target' or one of "
                          f"{list(emas)}")
@@ -51,7 +50,7 @@ def load_run_network(run_dir: str, which: str = "", ckpt: str | None = None):
     if which in emas:
         net = emas[which].gather(frozen_copy(net))
     elif which == "target":
-        net = target
+        net = target.gather(frozen_copy(net))
     return net.eval(), cfg, dict(meta, network=which)
 
 

@@ -21,8 +21,9 @@ EMA update; with fp16 the loss scale is lowered as the reference does); after
 
 Sharding of the averages: every evaluation EMA is sharded over data-parallel ranks
 (:class:`cmscale.ema.ShardedAverage`, 1/W each), gathered only for sampling and export. The
-target network is needed whole by every rank at every step (its forward gives the loss
-target), so it is kept replicated: sharding it would only add an all-gather per step.
+CD/CT target network is sharded the same way (:class:`cmscale.ema.ShardedTarget`); its forward
+needs it whole, so it is all-gathered once per step and dropped after the update: between
+steps a rank holds 1/W of it, and checkpoints hold the shards.
 
 Backends (``train.backend``, wrapping in :mod:`cmscale.parallel`): ``ddp`` (DDP, or the plain
 module in one process) or ``deepspeed`` with ZeRO stage 1/2/3. ``self.net`` is always the plain
@@ -48,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, dist, losses, parallel, schedules
 from .config import Config, dump_config
-from .ema import ShardedAverage, ema_name, frozen_copy, update_average
+from .ema import ShardedAverage, ShardedTarget, ema_name, frozen_copy, update_average
 from .networks import ConsistencyPrecond, EDMPrecond, create_unet
 from .imageio import make_grid, save_png
 from .weights import load_state_dict
@@ -305,7 +306,9 @@ class Trainer:
         self.opt = build_optimizer(cfg, self.net.parameters())
         mode = cfg.loss.mode
         # CD/CT: an EMA target network; iCT: the online net itself under no_grad; EDM: none.
-        self.target = frozen_copy(self.net) if mode in ("cd", "ct") else None
+        # Sharded over the ranks like the EMAs, gathered whole only during a step.
+        self.target = (ShardedTarget(self.net, self.info.rank, self.info.world_size)
+                       if mode in ("cd", "ct") else None)
         # Built from the plain module before it is wrapped: DeepSpeed moves (ZeRO-1/2) or
         # partitions (ZeRO-3) the parameter storage.
         self.emas = {ema_name(r): ShardedAverage(self.net, float(r), self.info.rank,
@@ -355,7 +358,7 @@ class Trainer:
             "data": {"positions": self.data_positions.tolist(), "layout": self.data_layout},
         }
         if self.target is not None:
-            s["target"] = self.target
+            s["target"] = checkpoint.FlatShard(self.target.local, self.target.numel)
         if self.scaler is not None:
             s["scaler"] = {"scale": torch.tensor(float(self.scaler.get_scale()))}
         return s
@@ -471,24 +474,28 @@ class Trainer:
             else:
                 self.opt.step()
             if self.target is not None:
-                update_average(self.target, self.net, mu)
+                self.target.update(mu)
             for e in self.emas.values():
                 e.update()
         elif self.scaler is not None:
             self.scaler.update(self.scaler.get_scale() / 2)  # the reference halves and skips
         self.opt.zero_grad(set_to_none=True)
+        if self.target is not None:
+            self.target.release()  # between steps a rank holds only its shard
         return float(mean_loss), finite
 
     def _deepspeed_step(self, mu: float | None) -> bool:
         """DeepSpeed's step (clipping, non-finite check, zeroing grads), then target and EMAs."""
         self.engine.step()
         # DeepSpeed all-reduces the gradient norm it skips on: every rank has the same verdict.
+        if self.target is not None:
+            self.target.release()
         if not self.engine.was_step_applied():
             return False
         with parallel.full_parameters(self.engine) as full:
-            if self.target is not None:
-                update_average(self.target, full, mu)
             params = list(full.parameters())
+            if self.target is not None:
+                self.target.update(mu, params)
             for e in self.emas.values():
                 e.update(params)
         return True
@@ -624,7 +631,7 @@ class Trainer:
         """A whole network for sampling: an EMA (gathered; collective), or online/target."""
         name = name or (next(iter(self.emas)) if self.emas else "online")
         if name == "target" and self.target is not None:
-            return self.target
+            return self.target.gather(self._blank_net())
         if name in ("online", "target"):  # without a separate target, it is the online net
             if self.engine is None:
                 return self.net

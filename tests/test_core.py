@@ -332,3 +332,51 @@ def test_averages_keep_target_and_emas_apart():
     assert not any(p.requires_grad for p in av.parameters())
     keys = set(av.state_dict())
     assert "target.weight" in keys and "ema.ema_0_9.weight" in keys
+
+
+# ----------------------------------------------------------------------------- sharded target
+
+
+def _tiny_precond(dropout=0.1):
+    from cmscale.networks import ConsistencyPrecond, create_unet
+
+    torch.manual_seed(0)
+    return ConsistencyPrecond(create_unet("tiny16", dropout=dropout)).train()
+
+
+def test_sharded_target_matches_a_replicated_target_bitwise():
+    from cmscale.ema import ShardedTarget, frozen_copy, update_average
+
+    net = _tiny_precond()
+    replicated = frozen_copy(net)
+    sharded = ShardedTarget(net)
+    halves = [ShardedTarget(net, rank=r, world_size=2) for r in (0, 1)]
+    numel = sum(p.numel() for p in net.parameters())
+    assert halves[0].local.numel() == -(-numel // 2)  # a rank holds half of the target
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x = torch.randn(3, 3, 16, 16)
+    sigma = torch.tensor([0.5, 2.0, 40.0])
+    for mu in (0.9, 0.99, 0.0, 0.95):
+        net(x, sigma).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        update_average(replicated, net, mu)
+        sharded.update(mu)
+        for h in halves:
+            h.update(mu)
+    flat = torch.cat([p.detach().reshape(-1) for p in replicated.parameters()])
+    assert torch.equal(sharded.avg.full(), flat)
+    assert torch.equal(torch.cat([h.local for h in halves])[:numel], flat)
+    # the forward, in train mode with the same dropout draws, is the replicated target's
+    torch.manual_seed(5)
+    with torch.no_grad():
+        want = replicated(x, sigma)
+    torch.manual_seed(5)
+    got = sharded(x, sigma)
+    assert torch.equal(got, want) and not got.requires_grad
+    sharded.release()
+    assert sharded._flat is None
+    # gathered into a plain network for evaluation / export
+    into = sharded.gather(frozen_copy(net))
+    for a, b in zip(into.parameters(), replicated.parameters()):
+        assert torch.equal(a, b)

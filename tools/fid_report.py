@@ -160,12 +160,13 @@ def load_network(run_dir: str, ckpt: str, which: str, device):
         avg = ShardedAverage(net, emas[which], rank, world)
         state["ema"] = {which: checkpoint.FlatShard(avg.local, avg.numel)}
     elif which == "target":
-        state["target"] = target = frozen_copy(net)
+        target = ShardedAverage(net, 0.0, rank, world)
+        state["target"] = checkpoint.FlatShard(target.local, target.numel)
     meta = checkpoint.load(ckpt, state)
     if avg is not None:
         net = avg.gather(frozen_copy(net))
     elif target is not None:
-        net = target
+        net = target.gather(frozen_copy(net))
     return net.eval().to(device).requires_grad_(False), cfg, meta
 
 
@@ -205,7 +206,7 @@ def write_csv(rows: list[dict], path: str) -> None:
 def write_markdown(rows: list[dict], path: str, ref: str, missing: int) -> None:
     best = min(range(len(rows)), key=lambda i: rows[i]["fid"]) if rows else None
     runs = {r["run"] for r in rows}
-    lines = [f"# FID report", "",
+    lines = ["# FID report", "",
              f"Reference: `{ref}`; {rows[0]['num'] if rows else 0} images per row, extractor "
              f"`{rows[0]['extractor'] if rows else '-'}`. Best (lowest FID) row marked **best**.", ""]
     if missing:
