@@ -133,8 +133,13 @@ def wrap_ddp(net: nn.Module, info: dist.DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    # broadcast_buffers=False: every rank builds identical buffers from the same seed.
-    return DDP(net, device_ids=ids, broadcast_buffers=False)
+    # No buffer broadcast before every forward: every rank builds identical buffers from the
+    # same seed. torch >= 2.13 names the flag forward_sync_buffers (broadcast_buffers warns).
+    import inspect
+
+    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else "broadcast_buffers")
+    return DDP(net, device_ids=ids, **{flag: False})
 
 
 # ----------------------------------------------------------------------------- DeepSpeed

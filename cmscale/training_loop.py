@@ -373,7 +373,7 @@ class Trainer:
             self.data_positions.copy_(dist.all_reduce_sum(mine))
         state = self.state()
         meta = {"nimg": nimg, "step": self.step, "reason": reason,
-                "backend": self.cfg.train.backend}
+                "backend": self.cfg.train.backend, "target_layout": "flat"}
         if self.engine is not None:
             meta["zero_stage"] = self.cfg.train.zero_stage
             # Written by DeepSpeed into this checkpoint's directory before the commit marker.
@@ -395,6 +395,7 @@ class Trainer:
             found = checkpoint.latest_checkpoint(self.run_dir, warn=False)
             latest = found.meta if found is not None else None
         latest = dist.broadcast_object(latest)
+        self.latest_meta = latest
         if latest is not None:
             parallel.check_resume(self.cfg, latest, self.info.world_size)
 
@@ -402,12 +403,19 @@ class Trainer:
         state = self.state()
         if self.engine is not None:
             del state["model"]  # DeepSpeed's own files restore the module, below
+        old_target = None
+        if (self.target is not None and self.latest_meta is not None
+                and self.latest_meta.get("target_layout") != "flat"):
+            # written before the target was sharded (cmscale <= 0.1): a whole module
+            state["target"] = old_target = self._blank_net()
         meta = checkpoint.load_latest(self.run_dir, state)
         if meta is None:
             return None
         if self.engine is not None:
             parallel.load_deepspeed(self.engine,
                                     checkpoint.checkpoint_path(self.run_dir, meta["nimg"]))
+        if old_target is not None:
+            self.target.update(0.0, list(old_target.parameters()))  # rate 0: copy its shard
         self.saved_layout = list(state["data"]["layout"])
         if self.saved_layout == self.data_layout:
             self.data_positions = torch.tensor(state["data"]["positions"], dtype=torch.int64)
@@ -587,7 +595,7 @@ class Trainer:
             ev = cfg.eval.every_images
             if ev and nimg // ev != (nimg - gb) // ev and self.step < tc.total_steps:
                 self.evaluate(log)
-            if dist.should_stop():
+            if dist.should_stop() and self.step < tc.total_steps:  # else: finish normally
                 self.save("preempted")
                 dist.print0(f"stop signal: checkpointed at step {self.step}; "
                             f"exit {dist.EXIT_REQUEUE} (requeue)")

@@ -55,9 +55,11 @@ _STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 def recipes() -> list[str]:
-    """Recipes with an sbatch script in launch/ (every script but the shared ones)."""
+    """Recipes: sbatch scripts in launch/ with a configs/<name>.yaml (so not the shared
+    launchers, nor the FID jobs eval_fid.sh / fid_report.sh)."""
     shared = {"common", "mpi", "task"}
-    return sorted(p.stem for p in (ROOT / "launch").glob("*.sh") if p.stem not in shared)
+    return sorted(p.stem for p in (ROOT / "launch").glob("*.sh")
+                  if p.stem not in shared and (ROOT / "configs" / f"{p.stem}.yaml").is_file())
 
 
 def parse_slurm_time(text: str) -> int:

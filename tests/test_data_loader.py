@@ -223,3 +223,42 @@ def test_output_dtypes_device_and_batches_kept_by_the_caller(tmp_path):
     assert all(x.is_contiguous() and x.dtype == torch.float32 for x, _ in floats)
     (xb, _), = take(build_loader(root, batch_size_per_rank=4, seed=1, dtype=torch.bfloat16), 1)
     assert xb.dtype == torch.bfloat16 and xb.min() >= -1 and xb.max() <= 1
+
+
+def _child_pids() -> list[int]:
+    me, out = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    # pid (comm) state ppid ...: comm may hold spaces, so split after ')'
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == me:
+                out.append(int(name))
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_workers_survive_the_stop_signals(tmp_path):
+    """SLURM signals every process of a step (scancel, preemption, the time-limit warning),
+    DataLoader workers included. They must keep serving batches while the trainer finishes
+    its step and checkpoints: with torch's own worker handler SIGTERM kills them and the
+    consumer's next check raises "DataLoader worker ... is killed by signal: Terminated"."""
+    import signal
+    import time
+
+    root = write_index_shards(tmp_path, [40, 24])
+    kw = dict(batch_size_per_rank=4, seed=1, num_workers=2)
+    want = [decode_index(x) for x, _ in take(build_loader(root, **kw), 8)]
+    it = iter(build_loader(root, **kw))
+    got = [decode_index(next(it)[0])]
+    workers = _child_pids()
+    assert len(workers) >= 2, workers
+    for pid in workers:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(pid, sig)
+    time.sleep(0.3)
+    got += [decode_index(next(it)[0]) for _ in range(7)]
+    assert got == want

@@ -325,3 +325,75 @@ def test_mpi_launcher_stop_and_resume(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert (run_dir / "done-r1-rank0").exists() and (run_dir / "done-r1-rank1").exists()
     assert not list(run_dir.glob(".requeue-*"))
+
+
+# ----------------------------------------------------------------------------
+# launch/eval_fid.sh and launch/fid_report.sh (the FID jobs; on SLURM: tests/test_slurm.py)
+
+
+def _fid_script(tmp_path: Path, script: str, *args, **env_extra) -> subprocess.CompletedProcess:
+    """Run a FID job script outside SLURM with a stand-in python that prints its argv."""
+    fake = tmp_path / "fakepython"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(CMSCALE_PYTHON=str(fake), **env_extra)
+    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=30)
+
+
+def _fid_argv(out: subprocess.CompletedProcess) -> list[str]:
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.splitlines()
+    assert argv[0] == str(ROOT / "tools" / "fid_report.py")
+    return argv[1:]
+
+
+def test_eval_fid_arguments(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    # defaults: --out RUN/fid, --ref from CMSCALE_FID_REF; options and values pass through
+    argv = _fid_argv(_fid_script(tmp_path, "eval_fid.sh", "--num", "64", str(run),
+                                 "--sampler", "ts=0,62,150/151", CMSCALE_FID_REF="r.npz"))
+    assert argv == ["--num", "64", str(run), "--sampler", "ts=0,62,150/151",
+                    "--out", f"{run}/fid", "--ref", "r.npz"]
+    argv = _fid_argv(_fid_script(tmp_path, "eval_fid.sh", str(run), "--ref=a.npz", "--out", "o"))
+    assert argv == [str(run), "--ref=a.npz", "--out", "o"]
+    # array task -> its slice of the combinations: (ID - MIN) / STEP of COUNT
+    for task, lo, step, count, shard in (("3", "0", "1", "8", "3/8"), ("8", "1", "1", "8", "7/8"),
+                                         ("4", "0", "2", "4", "2/4")):
+        argv = _fid_argv(_fid_script(tmp_path, "eval_fid.sh", str(run), "--ref", "a.npz",
+                                     SLURM_ARRAY_TASK_ID=task, SLURM_ARRAY_TASK_MIN=lo,
+                                     SLURM_ARRAY_TASK_STEP=step, SLURM_ARRAY_TASK_COUNT=count))
+        assert argv[-2:] == ["--shard", shard]
+    # the report job: never a shard; CMSCALE_FID_NO_COMPUTE=1 only assembles
+    argv = _fid_argv(_fid_script(tmp_path, "fid_report.sh", str(run), "--ref", "a.npz",
+                                 CMSCALE_ROOT=str(ROOT), CMSCALE_FID_NO_COMPUTE="1"))
+    assert argv == [str(run), "--ref", "a.npz", "--out", f"{run}/fid", "--no-compute"]
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ([], {}, "usage:"),
+    (["nope"], {}, "nope: not a run directory"),
+    (["RUN"], {}, "no reference statistics"),
+    (["RUN", "--ref", "a.npz"], dict(SLURM_ARRAY_TASK_ID="9", SLURM_ARRAY_TASK_MIN="0",
+                                     SLURM_ARRAY_TASK_STEP="1", SLURM_ARRAY_TASK_COUNT="2"),
+     "not in a plain range"),
+])
+def test_eval_fid_bad_input(tmp_path, args, env, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    args = [str(run) if a == "RUN" else a for a in args]
+    out = _fid_script(tmp_path, "eval_fid.sh", *args, **env)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_fid_report_refuses_to_be_an_array(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    out = _fid_script(tmp_path, "fid_report.sh", str(run), "--ref", "a.npz", CMSCALE_ROOT=str(ROOT),
+                      SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="2")
+    assert out.returncode == 2 and "not an array" in out.stderr

@@ -239,3 +239,28 @@ def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
     r = train(tmp_path / "fp16", cache, "train.precision=fp16", "train.total_steps=2",
               "checkpoint.every_images=0")
     assert r.returncode == 0, r.stdout
+
+
+def test_resume_from_a_checkpoint_with_a_whole_target(tmp_path, cache, monkeypatch):
+    """Checkpoints written before the target was sharded hold it as a whole module: a run
+    resumes from one with the same target."""
+    from cmscale.ema import frozen_copy
+    from cmscale.training_loop import Trainer
+
+    monkeypatch.setenv("CMSCALE_CACHE", str(cache))
+    cfg = load_config(None, TINY + ["data.num_workers=0"])
+    old = Trainer(cfg, str(tmp_path / "run"))
+    old.step = 3
+    whole = frozen_copy(old.net)
+    with torch.no_grad():
+        for p in whole.parameters():
+            p.add_(torch.randn_like(p))  # a target unlike the online net
+    state = old.state()
+    state["target"] = whole  # the earlier layout
+    checkpoint.save(str(tmp_path / "run"), state, {"nimg": 24, "step": 3, "reason": "periodic",
+                                                   "backend": "ddp"})
+    new = Trainer(cfg, str(tmp_path / "run"))
+    assert new.resume()["nimg"] == 24 and new.step == 3
+    got = new.target.gather(frozen_copy(new.net))
+    for a, b in zip(got.parameters(), whole.parameters()):
+        assert torch.equal(a, b)

@@ -44,6 +44,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..dist import worker_ignore_signals
 from .images import IMAGE_EXTS, BadInput, BadInputError, check_policy, prepare_image
 from .order import Layout, flip_bit
 from .reader import slot_items
@@ -301,7 +302,11 @@ class ShardLoader:
         dataset = _SlotDataset(self.layout, self.shard_set.urls, self.rank, first, positions,
                                resolution=self.resolution, class_cond=self.class_cond,
                                random_flip=self.random_flip, policy=self.bad_input, shared=shared)
-        kw = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
+        # Workers ignore the stop signals (SIGUSR1/USR2/TERM): SLURM delivers them to every
+        # process of a step, and torch's worker handler dies of SIGTERM, which would make the
+        # trainer's next DataLoader check raise while it finishes its step and checkpoints.
+        kw = (dict(prefetch_factor=self.prefetch_factor, worker_init_fn=worker_ignore_signals)
+              if self.num_workers > 0 else {})
         dl = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **kw)
         step = self.layout.global_batch
         for ref, (worker, pos, counts, examples) in dl:
