@@ -1,6 +1,7 @@
 """Loader throughput on 256x256 JPEG shards against the practical limit: PIL decode + crop in a plain loop.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_loader.py [--images 768] [--batch 32] [--workers 1,2]
+                                                        [--decoder auto|pil]
 
 1. Builds JPEG shards (quality 95) of 256x256 crops of scikit-image's photos with make_shards.
 2. Limit: the same encoded images, already in memory, decoded and center-cropped with PIL in a
@@ -10,8 +11,11 @@
    the loader with W workers, so the ratio per W is like for like.
 3. Loader: `build_loader(..., num_workers=W)`, after a warm-up, for two outputs:
    `dtype=torch.uint8` (what the workers deliver; on a GPU the loader copies uint8 to the device
-   and converts there) and float32 [-1, 1] NCHW converted on this CPU by the consuming process
-   (which then competes with the workers for the cores).
+   and mirrors and converts there; here, a CPU consumer, the workers also mirror) and float32
+   [-1, 1] NCHW converted on this CPU by the consuming process (which then competes with the
+   workers for the cores). The loader decodes these R x R JPEGs with torchvision's libjpeg-turbo
+   op when it gives PIL's pixels (`cmscale.data.images.fast_jpeg_decoder`, printed below);
+   `--decoder pil` makes it use PIL as the limit does (CMSCALE_PIL_ONLY=1).
 Reported per configuration: images/s in total and per worker (wall clock), and images per CPU-
 second of the worker processes (from /proc): the rate of a worker with a core to itself, robust
 to other jobs on the machine. Runs are interleaved and the best of `--repeat` is kept.
@@ -133,7 +137,12 @@ def main():
     p.add_argument("--batch", type=int, default=32, help="batch size per rank")
     p.add_argument("--workers", default="1,2", help="DataLoader worker counts to measure")
     p.add_argument("--repeat", type=int, default=5, help="runs per configuration (best is reported)")
+    p.add_argument("--decoder", choices=("auto", "pil"), default="auto",
+                   help="the loader's JPEG decoder: auto (the exact fast path when available) or pil")
     a = p.parse_args()
+    if a.decoder == "pil":
+        os.environ["CMSCALE_PIL_ONLY"] = "1"  # read once, at the first probe (none has run yet)
+    from cmscale.data.images import fast_jpeg_decoder
     _cache_pil_blocks()  # the in-process loop gets the same allocator settings as the workers
     workers = [int(x) for x in a.workers.split(",")]
     n_batches = 3 * a.images // a.batch
@@ -142,6 +151,8 @@ def main():
         blobs = read_blobs(shards)
         size = sum(len(b) for b in blobs) / len(blobs)
         print(f"shards: {a.images} JPEG 256x256 images (q95, {size / 1024:.1f} KiB each), batch {a.batch}")
+        print("loader's JPEG decoder: " + ("torchvision's libjpeg-turbo op (checked bit-exact against PIL)"
+                                           if fast_jpeg_decoder() else "PIL"))
         configs = [("pil", w) for w in workers] + [(d, w) for d in (torch.uint8, torch.float32) for w in workers]
         runs = {c: [] for c in configs}
         runs["pil-main"] = []

@@ -152,7 +152,8 @@ def learning_rate(cfg: Config, step: int) -> float:
     return cfg.optim.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.optim.lr
 
 
-def build_data(cfg: Config, info: dist.DistInfo, streams: int, nimg: int) -> list:
+def build_data(cfg: Config, info: dist.DistInfo, streams: int, nimg: int,
+               device=None) -> list:
     """This rank's loaders: streams ``r*k .. (r+1)*k - 1`` of ``streams`` (k = streams / W).
 
     Each stream is a loader for "rank s of ``streams``" with ``global_batch / streams`` images
@@ -175,7 +176,9 @@ def build_data(cfg: Config, info: dist.DistInfo, streams: int, nimg: int) -> lis
         shards, batch_size_per_rank=cfg.train.global_batch // streams, rank=s,
         world_size=streams, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
         start_images=nimg, resolution=cfg.data.resolution, class_cond=cfg.data.class_cond,
-        random_flip=cfg.data.random_flip, bad_input=cfg.data.bad_input)
+        random_flip=cfg.data.random_flip, bad_input=cfg.data.bad_input,
+        # on an accelerator the workers deliver uint8 and the device flips and converts
+        device=device)
         for s in range(info.rank * k, (info.rank + 1) * k)]
 
 
@@ -520,7 +523,7 @@ class Trainer:
             dist.print0(f"resumed from {meta['nimg']} images (step {self.step}, "
                         f"saved by {meta.get('world_size')} ranks)")
         nimg = self.step * tc.global_batch
-        self.loaders = build_data(cfg, self.info, self.streams, nimg)
+        self.loaders = build_data(cfg, self.info, self.streams, nimg, self.device)
         if self.saved_layout == self.data_layout:
             # Exact positions (they stay exact even after skipped bad samples).
             first = self.info.rank * len(self.loaders)
@@ -548,8 +551,10 @@ class Trainer:
         while self.step < tc.total_steps:
             batches = []
             parts = [next(it) for it in its]
-            images = torch.cat([p[0] for p in parts])
-            labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+            # one stream per rank (the default): no copy of the batch
+            images = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+            labels = (None if parts[0][1] is None else parts[0][1] if len(parts) == 1
+                      else torch.cat([p[1] for p in parts]))
             for m in range(self.accum):
                 sl = slice(m * self.micro, (m + 1) * self.micro)
                 batches.append((images[sl].to(self.device),

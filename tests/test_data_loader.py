@@ -221,8 +221,24 @@ def test_output_dtypes_device_and_batches_kept_by_the_caller(tmp_path):
         assert torch.equal(xf, xu.float() / 127.5 - 1)
     assert len({tuple(decode_index(x)) for x, _ in floats}) == 12
     assert all(x.is_contiguous() and x.dtype == torch.float32 for x, _ in floats)
-    (xb, _), = take(build_loader(root, batch_size_per_rank=4, seed=1, dtype=torch.bfloat16), 1)
-    assert xb.dtype == torch.bfloat16 and xb.min() >= -1 and xb.max() <= 1
+    (xb, _), = take(build_loader(root, dtype=torch.bfloat16, **kw), 1)
+    assert xb.dtype == torch.bfloat16 and torch.equal(xb, floats[0][0].to(torch.bfloat16))
+
+
+def test_float_conversion_is_the_references_on_every_device_path():
+    """float32(x) / 127.5 - 1 for all 256 values, from the NCHW view of an NHWC batch: the CPU
+    arithmetic and the table gather used on accelerators (where dividing by a Python scalar
+    multiplies by its reciprocal, 1 ulp off for 111 values) give the reference's floats."""
+    import numpy as np
+
+    from cmscale.data.loader import to_unit_range
+
+    nhwc = torch.arange(256, dtype=torch.uint8)[torch.randperm(256)].repeat(6).view(2, 16, 16, 3)
+    x = nhwc.permute(0, 3, 1, 2)
+    ref = torch.from_numpy(x.numpy().astype(np.float32) / np.float32(127.5) - np.float32(1))
+    for table in (False, True):
+        y = to_unit_range(x, table=table)
+        assert y.dtype == torch.float32 and y.is_contiguous() and torch.equal(y, ref), table
 
 
 def _child_pids() -> list[int]:
@@ -262,3 +278,34 @@ def test_workers_survive_the_stop_signals(tmp_path):
     time.sleep(0.3)
     got += [decode_index(next(it)[0]) for _ in range(7)]
     assert got == want
+
+
+@pytest.mark.parametrize("how", ["exception", "module_global"])
+def test_a_program_ending_with_a_live_loader_exits(tmp_path, how):
+    """The workers ignore SIGTERM, which multiprocessing's exit handler uses on daemonic
+    children before joining them: a loader iterator still alive at exit (kept by a module
+    global, or by the traceback of the exception that ends a training loop) made the process
+    hang forever instead of exiting."""
+    import sys
+    import textwrap
+
+    root = write_index_shards(tmp_path / "shards", [40, 24])
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent(f"""
+        from cmscale.data import build_loader
+
+        def train():
+            global its
+            its = [iter(build_loader({root!r}, batch_size_per_rank=4, num_workers=2))]
+            next(its[0])
+            if {how!r} == "exception":
+                raise RuntimeError("the training step failed")
+
+        train()
+    """))
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == (1 if how == "exception" else 0), proc.stderr[-2000:]
+    if how == "exception":
+        assert "the training step failed" in proc.stderr

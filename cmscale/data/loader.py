@@ -22,13 +22,17 @@ slot at the same epoch and fraction of epoch: the rest of that epoch comes from 
 (some of its samples may repeat, some be missed); from the next epoch on every sample is seen
 exactly once per epoch. This never fails.
 
-Work split: DataLoader workers read tars, decode and crop (`cmscale.data.images`), and write
-uint8 NHWC batches plus each sample's flip bit into shared-memory buffers that the consumer
-allocated (`_SharedBatches`: workers x (prefetch_factor + 2) batches; no tensor crosses the
-DataLoader's queue). The consuming process permutes to NCHW, maps to float and mirrors the
-flagged images; with `device` set it first copies the uint8 batch there (4x fewer bytes than
-float), where this per-pixel work is cheap. Flip bits are a hash of (seed, epoch, sample index):
-no RNG state.
+Work split: DataLoader workers read tars, decode and crop (`cmscale.data.images`; R x R JPEGs
+through its exact libjpeg-turbo fast path), and write uint8 NHWC batches plus each sample's
+flip bit into shared-memory buffers that the consumer allocated (`_SharedBatches`: workers x
+(prefetch_factor + 2) batches; no tensor crosses the DataLoader's queue). Without an
+accelerator (`device` None or CPU) the workers also mirror the flagged images, and the
+consuming process (the one that trains) only copies the batch out: a uint8 NCHW view of a
+copy, or float [-1, 1] converted one image at a time (`to_unit_range`, in cache: 5x faster
+than whole-batch ops). With an accelerator `device` the consumer copies the uint8 batch there
+(4x fewer bytes than float) and mirrors and converts there, where it is cheap (the float
+values are the reference's on every device). Flip bits are a hash of (seed, epoch, sample
+index): no RNG state.
 
 Bad input (`bad_input` = "convert" | "skip" | "raise"): see the table in `cmscale.data.images`
 and `cmscale.data.reader`. Skips and conversions are counted per kind in `bad_input_counts`
@@ -38,14 +42,17 @@ nothing raises FileNotFoundError naming it, whatever the policy.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401  registers its exit handler before ours (see _stop_live_workers)
 import warnings
+import weakref
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..dist import worker_ignore_signals
-from .images import IMAGE_EXTS, BadInput, BadInputError, check_policy, prepare_image
+from .images import IMAGE_EXTS, BadInput, BadInputError, check_policy, fast_jpeg_decoder, prepare_image
 from .order import Layout, flip_bit
 from .reader import slot_items
 from .shardlist import ShardSet, load_shard_set
@@ -98,6 +105,36 @@ class _SharedBatches:
         self.stamps = torch.zeros((workers, n), dtype=torch.int64).share_memory_()
 
 
+_live_worker_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_live_workers():
+    """At interpreter exit: stop the workers of loaders still being iterated.
+
+    The workers ignore SIGTERM (`worker_ignore_signals`), and multiprocessing's exit handler
+    stops daemonic children with SIGTERM and then joins them: without this, a process whose
+    loader iterator is still alive at exit (a module-level iterator, or a training loop's frame
+    kept by the traceback of the exception that ends the program) hung there forever. Registered
+    after multiprocessing's handler, so it runs before it. Workers get the DataLoader's normal
+    shutdown, then SIGKILL if one is still alive.
+    """
+    for it in list(_live_worker_iterators):
+        workers = list(getattr(it, "_workers", ()))
+        try:
+            it._shutdown_workers()
+        except Exception:
+            pass
+        for w in workers:
+            try:
+                if w.is_alive():
+                    w.kill()
+            except Exception:
+                pass
+
+
+atexit.register(_stop_live_workers)
+
+
 def _cache_pil_blocks(blocks: int = 16):
     """Let PIL reuse freed image memory in this worker process (as PILLOW_BLOCKS_MAX would).
 
@@ -118,23 +155,25 @@ class _SlotDataset(IterableDataset):
     Yields (batch, meta) with meta = (worker, position after the batch, counts, examples).
     In a DataLoader worker, batch = (worker id, buffer, seq) in `shared`; in-process it is
     (images uint8 (b, R, R, 3), labels int64 (b,) or None, flips bool (b,)). Images stay NHWC
-    as PIL decodes them (a contiguous copy per image is the cheapest thing a worker can do);
-    the NCHW permutation, the float conversion and the mirroring (flips: the per-sample bits of
-    `order.flip_bit`) happen at the consumer, on the device when one is given. (Mirroring in
-    the worker cost 5% of its time; on an accelerator it is free.)
+    as the decoders deliver them (a contiguous copy per image is the cheapest thing a worker can
+    do). Mirroring (flips: the per-sample bits of `order.flip_bit`) happens here when
+    `flip_here`, i.e. when the consumer is a CPU: ~17 us per mirrored 256x256 image in a worker
+    (~2% of its time), where the consuming process, which also trains, needed twice that.
+    Otherwise the consumer mirrors on its accelerator, where it is free. The NCHW permutation
+    and the float conversion happen at the consumer.
     """
 
     def __init__(self, layout: Layout, urls: list, rank: int, first: int, positions: list, *,
                  resolution: int, class_cond: bool, random_flip: bool, policy: str,
-                 shared: _SharedBatches | None):
+                 shared: _SharedBatches | None, flip_here: bool):
         super().__init__()
         self.layout, self.urls, self.rank = layout, urls, rank
         self.first, self.positions = first, positions
         self.resolution, self.class_cond = resolution, class_cond
         self.random_flip, self.policy = random_flip, policy
-        self.shared = shared
+        self.shared, self.flip_here = shared, flip_here
 
-    def _decode(self, item, counter: _Counter):
+    def _decode(self, item, counter: _Counter, jpeg_decoder=None):
         where = f"{item.url} key {item.key}" if item.key is not None else f"{item.url} sample {item.index}"
         sample = item.sample
         if sample is None:
@@ -149,7 +188,7 @@ class _SlotDataset(IterableDataset):
             except Exception:
                 raise BadInput("no_label", "class_cond=True but no integer .cls member") from None
         converted = []
-        arr = prepare_image(sample[ext], self.resolution, self.policy, converted)
+        arr = prepare_image(sample[ext], self.resolution, self.policy, converted, jpeg_decoder)
         for kind in converted:
             counter.add("converted", kind, where)
         return arr, label
@@ -183,18 +222,25 @@ class _SlotDataset(IterableDataset):
         items = slot_items(self.layout, self.urls, q, self.positions[worker], self.policy,
                            lambda kind: counter.add("skipped", kind))
         buffers = self._buffers(wid)
+        flip_here = self.random_flip and self.flip_here
+        jpeg_decoder = fast_jpeg_decoder()  # probed by the consumer already: forked workers inherit it
         ref, images, labels, flips = next(buffers)
         arrays, flip_bits, n = images.numpy(), flips.numpy(), 0
         for item in items:
             try:
-                arr, label = self._decode(item, counter)
+                arr, label = self._decode(item, counter, jpeg_decoder)
             except BadInput as e:
                 if self.policy == "raise":
                     raise BadInputError(f"{e.kind} in shard {item.url} key {item.key}: {e.detail}") from None
                 counter.add("skipped", e.kind, f"{item.url} key {item.key}" if item.key else item.url, e.detail)
                 continue
             arrays[n] = arr
-            flip_bits[n] = self.random_flip and flip_bit(seed, item.epoch, item.index)
+            flip_bits[n] = flipped = self.random_flip and flip_bit(seed, item.epoch, item.index)
+            if flipped and flip_here:
+                # Mirror W in place: torch has a vectorised kernel for contiguous HWC uint8
+                # (numpy's negative-stride copy of 3-byte pixels is 25x slower).
+                image = images[n]
+                image.copy_(image.flip(1))
             if labels is not None:
                 labels[n] = label
             n += 1
@@ -296,18 +342,23 @@ class ShardLoader:
                 self._base_counts[k] = self._base_counts.get(k, 0) + v
         self._live_counts = {}
         shared = None
+        flip_here = self.device is None or torch.device(self.device).type == "cpu"
+        fast_jpeg_decoder()  # probe once here, not in every (forked) worker
         if self.num_workers > 0:
             shared = _SharedBatches(self.num_workers, self.prefetch_factor + 2, self.layout.batch_size,
                                     self.resolution, self.class_cond)
         dataset = _SlotDataset(self.layout, self.shard_set.urls, self.rank, first, positions,
                                resolution=self.resolution, class_cond=self.class_cond,
-                               random_flip=self.random_flip, policy=self.bad_input, shared=shared)
+                               random_flip=self.random_flip, policy=self.bad_input, shared=shared,
+                               flip_here=flip_here)
         # Workers ignore the stop signals (SIGUSR1/USR2/TERM): SLURM delivers them to every
         # process of a step, and torch's worker handler dies of SIGTERM, which would make the
         # trainer's next DataLoader check raise while it finishes its step and checkpoints.
         kw = (dict(prefetch_factor=self.prefetch_factor, worker_init_fn=worker_ignore_signals)
               if self.num_workers > 0 else {})
-        dl = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **kw)
+        dl = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **kw))
+        if self.num_workers > 0:
+            _live_worker_iterators.add(dl)
         step = self.layout.global_batch
         for ref, (worker, pos, counts, examples) in dl:
             self._positions[worker] = pos
@@ -328,15 +379,9 @@ class ShardLoader:
             if self.device is not None:
                 images, flips = images.to(self.device), flips.to(self.device)
                 labels = labels.to(self.device) if labels is not None else None
-            elif labels is not None and shared is not None:
-                labels = labels.clone()
-            if self.random_flip and images.device.type == "cpu":
-                # Mirror W of NHWC in place (our buffer until we ask for the next batch), one
-                # image at a time: on contiguous uint8 that is ~15x cheaper than advanced
-                # indexing of the batch or flipping the float output.
-                for i in flips.nonzero().flatten().tolist():
-                    images[i] = images[i].flip(1)
-            elif self.random_flip:  # on an accelerator: one vectorised op, no host sync
+            if labels is not None and shared is not None and labels.device.type == "cpu":
+                labels = labels.clone()  # still the shared buffer (also after .to("cpu"))
+            if self.random_flip and not flip_here:  # on an accelerator: one vectorised op, no host sync
                 images = torch.where(flips.view(-1, 1, 1, 1), images.flip(2), images)
             # A shared buffer is reused later: copy out (conversion, device copy or clone) first.
             out = self._convert(images, copy=shared is not None and images.device.type == "cpu")
@@ -350,10 +395,35 @@ class ShardLoader:
         x = images.permute(0, 3, 1, 2)
         if self.dtype == torch.uint8:
             return x.clone() if copy else x
-        # Same arithmetic as the reference, float32(x) / 127.5 - 1 (torch.div(uint8, 127.5)
-        # gives the same values through a 4x slower mixed-type path).
-        x = x.float().div_(127.5).sub_(1.0)
-        return x.to(self.dtype).contiguous()
+        return to_unit_range(x).to(self.dtype)
+
+
+_UNIT_TABLE = torch.arange(256, dtype=torch.float32).div_(127.5).sub_(1.0)  # on the CPU: exact division
+_unit_tables: dict = {}
+
+
+def to_unit_range(x: torch.Tensor, table: bool | None = None) -> torch.Tensor:
+    """uint8 (any layout, any device) -> contiguous float32 float32(x) / 127.5 - 1, as the reference.
+
+    On a CPU the arithmetic itself, written straight into the contiguous output (the cast does
+    any permutation; torch.div(uint8, 127.5) gives the same values through a 4x slower
+    mixed-type path), one leading-dim slice (image) at a time so that its float copy stays in
+    cache for the three passes: whole-batch ops and a permuting float copy were 5x slower
+    (0.7 ms per 256x256 image). Elsewhere (`table`, default: not a CPU) a gather from the 256
+    values computed on the CPU: CUDA divides by a Python scalar as a multiplication by its
+    reciprocal, which is 1 ulp off for 111 of the 256 values.
+    """
+    if table is None:
+        table = x.device.type != "cpu"
+    if table:
+        lut = _unit_tables.get(x.device)
+        if lut is None:
+            lut = _unit_tables[x.device] = _UNIT_TABLE.to(x.device)
+        return lut.index_select(0, x.reshape(-1).int()).view(x.shape)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    for src, dst in zip(x, out) if x.dim() else ((x, out),):
+        dst.copy_(src).div_(127.5).sub_(1.0)
+    return out
 
 
 def build_loader(shards, *, batch_size_per_rank: int, rank: int = 0, world_size: int = 1,
@@ -369,7 +439,8 @@ def build_loader(shards, *, batch_size_per_rank: int, rank: int = 0, world_size:
     start_images: global images already consumed (resume). state: a `state_dict()` of this
         rank (exact resume with skipped samples); its images_seen overrides start_images.
     shuffle_block: samples per shuffle block (raw bytes of that many samples per worker in RAM).
-    device: move each batch there (as uint8) before converting. dtype: float32 (default) or
+    device: move each batch there (as uint8) before mirroring and converting (without it, or
+        with a CPU device, the workers mirror and this process converts). dtype: float32 (default) or
         another float type for [-1, 1] contiguous NCHW; torch.uint8 for the raw 0..255 NCHW view
         (a permuted NHWC tensor) to convert yourself.
     """
