@@ -61,6 +61,8 @@ class LossConfig:
     teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
     teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
     solver: str = "heun"                     # heun | euler (cd)
+    init_from_teacher: bool = False          # cd: start the student (target, EMAs) from the
+                                             # teacher's weights, as the reference does
     # iCT
     ict_s0: int = 10
     ict_s1: int = 1280

@@ -112,6 +112,18 @@ def build_teacher(cfg: Config, device) -> torch.nn.Module:
     return teacher.to(device).eval().requires_grad_(False)
 
 
+def init_from_teacher(net: torch.nn.Module, cfg: Config) -> None:
+    """Copy the CD teacher's weights into the student (``loss.init_from_teacher``): the
+    reference's CD starts from the teacher. A fresh run only; a resume loads its checkpoint."""
+    state = load_state_dict(cfg.loss.teacher)
+    try:
+        net.model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[:3]
+        raise ValueError(f"loss.init_from_teacher: teacher {cfg.loss.teacher} does not fit the "
+                         f"student preset {cfg.net.preset!r}: {' '.join(first)}") from None
+
+
 def build_loss(cfg: Config, device):
     lc, nc = cfg.loss, cfg.net
     grid = dict(sigma_min=nc.sigma_min, sigma_max=nc.sigma_max, rho=nc.rho)
@@ -306,6 +318,8 @@ class Trainer:
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.net = build_net(cfg).to(self.device).train()
+        if cfg.loss.mode == "cd" and cfg.loss.init_from_teacher:
+            init_from_teacher(self.net, cfg)  # before the target and EMAs copy the weights
         self.opt = build_optimizer(cfg, self.net.parameters())
         mode = cfg.loss.mode
         # CD/CT: an EMA target network; iCT: the online net itself under no_grad; EDM: none.

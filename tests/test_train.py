@@ -264,3 +264,29 @@ def test_resume_from_a_checkpoint_with_a_whole_target(tmp_path, cache, monkeypat
     got = new.target.gather(frozen_copy(new.net))
     for a, b in zip(got.parameters(), whole.parameters()):
         assert torch.equal(a, b)
+
+
+def test_cd_student_starts_from_the_teacher(tmp_path, cache, monkeypatch):
+    """loss.init_from_teacher: the student, its target and its EMAs start as the teacher."""
+    from cmscale.ema import frozen_copy
+    from cmscale.networks import create_unet
+    from cmscale.training_loop import Trainer
+    from cmscale.weights import save_state_dict
+
+    monkeypatch.setenv("CMSCALE_CACHE", str(cache))
+    torch.manual_seed(123)
+    teacher = create_unet("tiny16")
+    path = str(tmp_path / "teacher.safetensors")
+    save_state_dict(teacher.state_dict(), path)
+    base = TINY + ["data.num_workers=0", "loss.mode=cd", f"loss.teacher={path}"]
+    t = Trainer(load_config(None, base + ["loss.init_from_teacher=true"]), str(tmp_path / "a"))
+    nets = {"online": t.net, "target": t.target.gather(frozen_copy(t.net)),
+            "ema": t.emas["ema_0_9"].gather(frozen_copy(t.net))}
+    for which, net in nets.items():
+        for (k, a), b in zip(net.model.state_dict().items(), teacher.state_dict().values()):
+            assert torch.equal(a, b), (which, k)
+    fresh = Trainer(load_config(None, base), str(tmp_path / "b"))  # default: random init
+    assert not torch.equal(next(fresh.net.model.parameters()), next(teacher.parameters()))
+    with pytest.raises(ValueError, match="init_from_teacher"):
+        Trainer(load_config(None, base + ["loss.init_from_teacher=true",
+                                          "net.overrides.model_channels=64"]), str(tmp_path / "c"))
