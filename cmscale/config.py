@@ -287,6 +287,13 @@ def validate(cfg: Config) -> Config:
     ts = [int(t) for t in cfg.sample.ts]
     if len(ts) < 2 or any(a >= b for a, b in zip(ts, ts[1:])) or ts[-1] >= cfg.sample.steps:
         raise ConfigError(f"sample.ts={cfg.sample.ts}: increasing indices below sample.steps")
+    from .ema import ema_name
+
+    names = [ema_name(float(r)) for r in cfg.ema.rates] + ["online", "target"]
+    for key, value in (("sample.ema", cfg.sample.ema), ("eval.ema", cfg.eval.ema)):
+        if value and value not in names:
+            raise ConfigError(f"{key}={value!r}: not an average of this run; choose one of "
+                              f"{names} (ema.rates={list(cfg.ema.rates)})")
     if cfg.eval.every_images:
         from .evaluation import parse_sampler
 

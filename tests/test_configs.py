@@ -67,7 +67,8 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_overrides_reach_nested_fields():
-    c = cfg("quickstart", "net.overrides.dropout=0.2", "ema.rates=0.9,0.99", "train.precision=bf16")
+    c = cfg("quickstart", "net.overrides.dropout=0.2", "ema.rates=0.9,0.99", "train.precision=bf16",
+            "sample.ema=ema_0_9", "eval.ema=ema_0_99")
     assert c.net.overrides["dropout"] == 0.2
     assert c.ema.rates == [0.9, 0.99]
     assert c.train.precision == "bf16"

@@ -88,6 +88,11 @@ def test_eval_config_errors(tmp_path):
         load_config(None, ["eval.every_images=100", "eval.samplers=[ts=0,50/40]"])
     with pytest.raises(ConfigError, match="eval.extractor"):
         load_config(None, ["eval.extractor=vgg"])
+    with pytest.raises(ConfigError, match="sample.ema"):
+        load_config(None, ["ema.rates=[0.99]", "sample.ema=ema_0_995"])
+    with pytest.raises(ConfigError, match="eval.ema"):
+        load_config(None, ["ema.rates=[0.99]", "eval.ema=ema_0_999"])
+    load_config(None, ["ema.rates=[0.99]", "sample.ema=ema_0_99", "eval.ema=online"])
     # off (the default): nothing is required
     load_config(None, ["data.shards=/data/x-{000..003}.tar"])
 

@@ -1,0 +1,87 @@
+"""benchmarks/quality/run.py end to end at toy sizes: every stage runs and writes its outputs.
+
+The default test trains each method for a handful of steps (the numbers mean nothing) and
+checks that the table, JSON, plot and grids are written and every value is finite. The real
+smoke preset (a couple of minutes) is marked slow.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "quality" / "run.py"
+
+METHODS = ["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_tinit"]
+TINY = ["teacher_steps=20", "cd_steps=4", "ct_steps=6", "ict_steps=6", "batch=16",
+        "num_eval=64", "eval_batch=64", "sample_seeds=[0,1]", "heun_steps=[1,2]",
+        "euler_steps=[2]", "mid_sweep=[0.821]", "search_grid=10", "toy_steps=[20,40]",
+        "toy_eval_n=300"]
+
+
+def _run(tmp_path, preset, sets, timeout):
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, str(SCRIPT), "--preset", preset, "--out", str(out), "--work", str(work)]
+    for s in sets:
+        cmd += ["--set", s]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), LPIPS_VGG16="",
+               TORCH_HOME=str(tmp_path / "torch"))  # no real VGG16 -> CD-LPIPS not run
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r.stdout
+
+
+def _check_outputs(out: Path, stdout: str, methods):
+    res = json.loads((out / "results.json").read_text())
+    assert res["methods"] == methods
+    keys = {row["key"] for row in res["table"]}
+    for m in methods:
+        if m == "edm":
+            assert {"edm|heun1", "edm|heun3", "edm|euler2"} <= keys
+        else:
+            assert {f"{m}|cm1", f"{m}|cm2"} <= keys
+    for row in res["table"]:
+        fd = row["fd"]
+        assert fd["n"] == len(res["settings"]["sample_seeds"]) * len(res["settings"]["train_seeds"])
+        assert all(math.isfinite(v) and v >= 0 for v in fd["values"]), row
+        assert math.isfinite(fd["mean"]) and math.isfinite(fd["std"])
+    assert math.isfinite(res["real_floor"]["mean"])
+    # every ordering check is evaluated and printed (PASS or FAIL: tiny runs decide nothing)
+    names = [c["name"] for c in res["checks"]]
+    for n in ("teacher_many_steps_best", "ct_2_beats_1", "cd_beats_ct_nfe1", "cd_beats_ct_nfe2",
+              "cd1_beats_teacher_1_2", "cd_2_beats_1[cd_l2]", "toy_cd_map_err_shrinks"):
+        assert n in names
+    for c in res["checks"]:
+        assert c["status"] in ("PASS", "FAIL"), c
+        assert f"{c['status']:4s}  {c['name']}" in stdout
+    assert "cd_lpips" in res["not_run"]  # no VGG16 weights here (LPIPS_VGG16 emptied)
+    table = (out / "table.md").read_text()
+    assert "| EDM teacher |" in table and "CD (pseudo-Huber, LPIPS substitute)" in table
+    assert "CD (LPIPS) | not run" in table
+    from PIL import Image
+
+    with Image.open(out / "fd_vs_nfe.png") as im:
+        assert im.width > 300 and im.height > 200
+    for m in methods:
+        with Image.open(out / "grids" / f"{m}.png") as im:
+            assert im.width > 100
+    assert len(res["toy"]["rows"]) == 4 and all(math.isfinite(r["map_err"])
+                                                for r in res["toy"]["rows"])
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert total < 1_000_000
+
+
+def test_quality_benchmark_tiny(tmp_path):
+    out, stdout = _run(tmp_path, "smoke", TINY, timeout=300)
+    _check_outputs(out, stdout, METHODS)
+
+
+@pytest.mark.slow
+def test_quality_benchmark_smoke_preset(tmp_path):
+    out, stdout = _run(tmp_path, "smoke", [], timeout=900)
+    _check_outputs(out, stdout, METHODS)
