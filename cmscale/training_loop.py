@@ -51,6 +51,7 @@ from . import checkpoint, dist, losses, parallel, schedules
 from .config import Config, dump_config
 from .ema import ShardedAverage, ShardedTarget, ema_name, frozen_copy, update_average
 from .networks import ConsistencyPrecond, EDMPrecond, create_unet
+from .data.shards import write_json_atomic
 from .imageio import make_grid, save_png
 from .weights import load_state_dict
 
@@ -65,15 +66,6 @@ def read_best(run_dir: str) -> dict | None:
             return json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def step_seed(seed: int, step: int, offset: int) -> int:

@@ -53,6 +53,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from cmscale import checkpoint, dist  # noqa: E402
+from cmscale.data.shards import write_json_atomic  # noqa: E402
 from cmscale.evaluation import make_generate, parse_sampler  # noqa: E402
 from cmscale.metrics import features as F  # noqa: E402
 from cmscale.metrics import fid as M  # noqa: E402
@@ -168,14 +169,6 @@ def load_network(run_dir: str, ckpt: str, which: str, device):
     elif target is not None:
         net = target.gather(frozen_copy(net))
     return net.eval().to(device).requires_grad_(False), cfg, meta
-
-
-def write_json_atomic(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def read_cache(cache_dir: str, key: str):

@@ -156,7 +156,7 @@ def index_shards(spec, out: str | None = None, *, resolution: int | None = None,
     The manifest goes to `out` (default: manifest.json beside the first shard) and names the
     shards relative to it; all shards must sit in that directory.
     """
-    from .shards import MANIFEST_FORMAT, _write_json
+    from .shards import MANIFEST_FORMAT, write_json_atomic
 
     urls = expand_spec(spec)
     out = out or os.path.join(os.path.dirname(local_path(urls[0])), MANIFEST_NAME)
@@ -171,7 +171,7 @@ def index_shards(spec, out: str | None = None, *, resolution: int | None = None,
     manifest = {"format": MANIFEST_FORMAT, "source": "index_shards", "resolution": resolution,
                 "classes": classes, "num_samples": sum(s["samples"] for s in shards),
                 "shards": shards, "truncated": truncated}
-    _write_json(out, manifest)
+    write_json_atomic(out, manifest)
     return manifest
 
 

@@ -127,7 +127,8 @@ def _prepare_out_dir(out_dir: str, overwrite: bool):
             os.remove(f)
 
 
-def _write_json(path: str, obj: dict):
+def write_json_atomic(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``: temporary file, fsync, rename (never a torn file)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -211,7 +212,7 @@ def make_shards(source, out_dir: str, resolution: int, *, shard_size: int = 1000
         "seed": seed if shuffle else None,
         "seconds": round(time.time() - t0, 2),
     }
-    _write_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
     return manifest
 
 
