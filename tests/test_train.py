@@ -290,3 +290,26 @@ def test_cd_student_starts_from_the_teacher(tmp_path, cache, monkeypatch):
     with pytest.raises(ValueError, match="init_from_teacher"):
         Trainer(load_config(None, base + ["loss.init_from_teacher=true",
                                           "net.overrides.model_channels=64"]), str(tmp_path / "c"))
+
+
+def test_stop_request_on_the_last_step_finishes_the_run(tmp_path, cache, monkeypatch):
+    """A stop signal that lands on the final step ends the run normally (exit 0, a "final"
+    checkpoint), not with the requeue code: there is nothing left to resume."""
+    import signal as sig
+
+    from cmscale import dist
+    from cmscale.training_loop import Trainer
+
+    monkeypatch.setenv("CMSCALE_CACHE", str(cache))
+    monkeypatch.setattr(dist, "_stop_signal", None)
+    saved = {s: sig.getsignal(s) for s in dist.STOP_SIGNALS}
+    try:
+        t = Trainer(load_config(None, TINY + ["data.num_workers=0", "train.total_steps=1"]),
+                    str(tmp_path / "run"))
+        dist.request_stop(sig.SIGUSR1)
+        assert t.run() == 0
+    finally:
+        for s, h in saved.items():
+            sig.signal(s, h)
+    done = checkpoint.latest_checkpoint(tmp_path / "run", warn=False)
+    assert done is not None and done.meta["reason"] == "final" and done.nimg == 8
