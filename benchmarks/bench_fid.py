@@ -12,8 +12,9 @@ clean-fid's InceptionV3W does. Both pipelines get the same network:
   num_workers=W, batch_size=B)`; fn receives float B x 3 x 299 x 299 in [0, 255];
 - ours: `CustomExtractor(net, optimize=True)` + `compute_stats_from_folder`: decode and clean
   resize in W DataLoader workers, the network in the main process under inference_mode, with
-  batch norms folded into the convolutions (torch.fx) and NHWC (channels_last) convolutions;
-  then `fid_from_stats`. And the same on --ranks gloo processes (each rank one share of the
+  batch norms folded into the convolutions (torch.fx), NHWC (channels_last) convolutions and
+  the network run in stages over cache-sized chunks of the batch (`ChunkedStages`); then
+  `fid_from_stats` (Tr sqrt(S1 S2) from eigenvalues; clean-fid runs scipy's sqrtm). And the same on --ranks gloo processes (each rank one share of the
   files, statistics all-reduced). `--no-optimize` keeps the module as it is.
 The resize is identical (Pillow "clean" mode in both), so the FID values must agree; they differ
 by float32 rounding of the folded NHWC convolutions (about 1e-7 relative in the features).
@@ -131,11 +132,15 @@ def main(argv=None) -> int:
     p.add_argument("--skip-cleanfid", action="store_true")
     p.add_argument("--cleanfid-first", action="store_true", help="run clean-fid before ours (load drift)")
     p.add_argument("--no-optimize", dest="optimize", action="store_false",
-                   help="ours without batch-norm folding and channels_last")
+                   help="ours without batch-norm folding, channels_last and chunked stages")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    tmp = tempfile.mkdtemp(prefix="bench_fid_")
+    with tempfile.TemporaryDirectory(prefix="bench_fid_") as tmp:
+        return _run(args, tmp)
+
+
+def _run(args, tmp: str) -> int:
     a, b = make_folders(tmp, args.num, args.res)
     n = 2 * (args.num // 2)
     print(f"{n} PNG images {args.res}x{args.res} in two folders; random Inception-v3 (torchvision), "

@@ -2,6 +2,7 @@
 offline digits evaluator, statistics files and their settings, the Inception loading path."""
 from __future__ import annotations
 
+import operator
 import os
 import sys
 
@@ -98,6 +99,13 @@ def test_frechet_and_kid_match_cleanfid():
     b = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)) * 0.5 + 0.3
     mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
     assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(cf_fd(mu1, s1, mu2, s2), rel=1e-12)
+    # Fewer samples than dimensions (singular covariances, as with small FID runs).
+    f1, f2 = np.maximum(a[:40] @ rng.normal(size=(12, 64)), 0), np.maximum(b[:40] @ rng.normal(size=(12, 64)), 0)
+    m1, c1, m2, c2 = f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)
+    assert M.frechet_distance(m1, c1, m2, c2) == pytest.approx(cf_fd(m1, c1, m2, c2), rel=1e-8)
+    assert M.frechet_distance(m1, c1, m1, c1) == pytest.approx(0.0, abs=1e-6 * np.trace(c1))
+    with pytest.raises(ValueError, match="non-finite"):
+        M.frechet_distance(mu1, s1 * np.nan, mu2, s2)
     # subsets of the full size are permutations: the unbiased MMD is then exactly clean-fid's
     assert M.kernel_distance(a, b, num_subsets=3) == pytest.approx(cf_kid(a, b, num_subsets=3), rel=1e-10)
     c = np.random.default_rng(3).normal(size=(300, 12))  # same distribution as a: KID near 0
@@ -286,6 +294,7 @@ def test_inception_extractor_matches_cleanfid_wrapper(tmp_path, digits16):
         warnings.filterwarnings("error", message=".*not applied")  # freezing must apply here
         ours = F.InceptionExtractor(str(tmp_path))  # a directory holding the file
     assert ours.settings()["extractor"] == "inception-2015-12-05" and ours.dim == 2048
+    assert isinstance(ours.layers, F.ChunkedStages)  # a Sequential: frozen stage by stage
     plain = F.InceptionExtractor(str(tmp_path / F.INCEPTION_FILE), channels_last=False, optimize=False)
     theirs = InceptionV3W(str(tmp_path), download=False, resize_inside=False)
     x = torch.from_numpy(digits16[0][:4])
@@ -305,6 +314,40 @@ def test_custom_extractor_optimisation_keeps_features(digits16):
     x = torch.from_numpy(digits16[0][:6])
     a, b = fast(x), plain(x)
     assert float((a - b).abs().max() / b.abs().max()) < 1e-5  # float32 rounding only
+
+
+class _Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv(x))
+
+
+def test_chunked_stages_keep_features_and_respect_skips(digits16):
+    """On CPU the optimised network runs in stages over chunks of the batch: a large first
+    activation (16 x 297 x 297 floats, 5.6 MB per image) gets small chunks, the rest the whole
+    batch; no cut inside the residual block; features equal the plain network's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(4),
+                        _Residual(16), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 8)).eval()
+    plain = F.CustomExtractor(net, name="r", dim=8)
+    fast = F.CustomExtractor(net, name="r", dim=8, optimize=True)
+    assert isinstance(fast.fn, F.ChunkedStages)
+    assert fast.fn.chunks[0] == F.CHUNK_BYTES // (16 * 297 * 297 * 4) and fast.fn.chunks[-1] > 100
+    gm = torch.fx.symbolic_trace(net)
+    stages = F._chain_of_stages(gm)
+    # The residual block (conv, then add of its input) is one stage, fed by the max pool.
+    [block] = [st for st in stages if any(n.target is operator.add for n in st.graph.nodes)]
+    ops = [(n.op, n.name) for n in block.graph.nodes]
+    assert ops == [("placeholder", "_3"), ("call_module", "_4_conv"), ("call_function", "add"), ("output", "output")]
+    assert len(stages) == 9
+    x = torch.from_numpy(np.concatenate([digits16[0][:7]] * 2))  # 14 images: chunks of 5, 5, 4
+    a, b = fast(x), plain(x)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+    # an image's features do not depend on its neighbours in the batch
+    torch.testing.assert_close(fast(x[3:4]), a[3:4], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------
