@@ -142,6 +142,26 @@ def schedule(cfg: Config, step: int) -> tuple[int | None, float | None]:
     return None, None
 
 
+def target_horizon_warning(cfg: Config) -> str | None:
+    """A warning when the target network still averages over a large part of the run at its
+    end (its EMA horizon 1 / (1 - mu) above a tenth of train.total_steps), else None.
+
+    CT's target EMA rate depends on N, not on the run length: the reference LSUN/ImageNet
+    curriculum (start_ema 0.95, s1 150) ends at mu = 0.9993, a horizon of about 1460 steps, which
+    is nothing over 800k steps but made a 3000-step run collapse in our quality benchmark.
+    """
+    K = cfg.train.total_steps
+    _, mu = schedule(cfg, K - 1)
+    if not mu or mu <= 0:
+        return None
+    horizon = 1.0 / (1.0 - mu)
+    if horizon <= K / 10:
+        return None
+    return (f"warning: the target EMA ends at mu={mu:.5f}, an average over about {horizon:.0f} steps, "
+            f"more than a tenth of train.total_steps={K}: the target lags the network for much of a run "
+            f"this short (for CT, lower loss.start_ema or loss.end_scales, or train longer)")
+
+
 def build_optimizer(cfg: Config, params):
     oc = cfg.optim
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -524,6 +544,14 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(dump_config(cfg))
         dist.barrier()
+        done = self.latest_meta
+        if done is not None and int(done.get("step", -1)) >= tc.total_steps:
+            # Decided from the checkpoint's metadata alone: nothing is loaded or built.
+            dist.print0(f"run already finished ({done['step']} steps); nothing to do")
+            return 0
+        warning = target_horizon_warning(cfg)
+        if warning:
+            dist.print0(warning)
         meta = self.resume()
         if meta is not None:
             dist.print0(f"resumed from {meta['nimg']} images (step {self.step}, "

@@ -77,3 +77,19 @@ def test_ict_weights():
     w = schedules.ict_weights(s)
     assert torch.allclose(w, 1 / (s[:-1] - s[1:]))
     assert torch.all(w[1:] > w[:-1])  # smaller gaps at low noise weigh more
+
+
+def test_target_horizon_warning_for_short_ct_runs():
+    from cmscale.config import load_config
+    from cmscale.training_loop import target_horizon_warning
+
+    ref = ["loss.mode=ct", "loss.start_scales=2", "loss.end_scales=150", "loss.start_ema=0.95"]
+    short = load_config(None, ref + ["train.total_steps=3000"])
+    msg = target_horizon_warning(short)
+    assert msg and "mu=0.9993" in msg and "1463 steps" in msg and "total_steps=3000" in msg
+    assert target_horizon_warning(load_config(None, ref + ["train.total_steps=800000"])) is None
+    # the quality benchmark's short-run CT (s1 20, mu0 0.9): horizon ~95 steps of 3000
+    ok = ["loss.mode=ct", "loss.start_scales=2", "loss.end_scales=20", "loss.start_ema=0.9",
+          "train.total_steps=3000"]
+    assert target_horizon_warning(load_config(None, ok)) is None
+    assert target_horizon_warning(load_config(None, ["loss.mode=ict", "train.total_steps=100"])) is None

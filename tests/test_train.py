@@ -114,9 +114,10 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache):
     for step in range(4, 7):
         assert la[step] == lb[step]
 
-    # a re-submitted finished run ends cleanly without training
+    # a re-submitted finished run ends cleanly without training, or loading the checkpoint
     r = train(killed, cache)
     assert r.returncode == 0 and "already finished" in r.stdout
+    assert "resumed from" not in r.stdout, r.stdout
 
 
 def test_partial_checkpoint_is_ignored(tmp_path, cache):
