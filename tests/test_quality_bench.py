@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "quality" / "run.py"
 
-METHODS = ["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_tinit"]
+METHODS = ["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_rinit"]
 TINY = ["teacher_steps=20", "cd_steps=4", "ct_steps=6", "ict_steps=6", "batch=16",
         "num_eval=64", "eval_batch=64", "sample_seeds=[0,1]", "heun_steps=[1,2]",
         "euler_steps=[2]", "mid_sweep=[0.821]", "search_grid=10", "toy_steps=[20,40]",

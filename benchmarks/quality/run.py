@@ -8,16 +8,16 @@ On scikit-learn's digits (``data.shards=embedded:sklearn:digits``, 8 px, the qui
 (``cmscale.training_loop.training_loop``, in this process, one thread):
 
 1. an EDM teacher (``loss.mode=edm``), exported with ``cmscale export`` (``cmscale.export``);
-2. CD from that export (``loss.mode=cd``, ``loss.teacher=<export>``, Heun, N = 40, mu = 0.95)
-   with the l2 metric, and with pseudo-Huber in place of LPIPS (see "LPIPS" below);
+2. CD from that export (``loss.mode=cd``, ``loss.teacher=<export>``, Heun, N = 40, mu = 0.95),
+   the student starting from the teacher's weights (``loss.init_from_teacher=true``, as the
+   reference's ``scripts/cm_train.py`` and the CD recipes do), with the l2 metric, and with
+   pseudo-Huber in place of LPIPS (see "LPIPS" below);
 3. CT (``loss.mode=ct``, l2) with the reference's adaptive N / target-EMA curriculum at
    s0 = 2, s1 = 20, mu0 = 0.9 (see "CT curriculum" below);
 4. iCT (``loss.mode=ict``, pseudo-Huber, lognormal pairs, N doubling 10 -> 1280);
 5. two diagnostics, reported apart from the paper's table: CT with the reference's
    LSUN/ImageNet curriculum unchanged (s1 = 150, mu0 = 0.95), and CD (l2) whose student starts
-   from the teacher's weights, as the reference's ``scripts/cm_train.py`` does (cmscale's
-   trainer starts CD from random weights and has no option for it: the benchmark sets the
-   weights in-process on the product's ``Trainer`` before ``run()``).
+   from random weights (``loss.init_from_teacher=false``, the trainer's default).
 
 All runs: batch 64, Adam lr 1e-3 (the quickstart's), fp32, no dropout, no flips
 (``data.random_flip=false``: mirrored digits are not digits), evaluation EMA 0.999, 3000
@@ -122,7 +122,7 @@ PRESETS = {
         ct_s1=20, ct_mu0=0.9,
         mid_sweep=[0.2, 0.4, 0.821, 1.38, 2.5, 5.0, 10.0], search_seed=1000, search_grid=40,
         toy_steps=[250, 500, 1000, 2000], toy_methods=["cd", "ct"], toy_eval_n=2000,
-        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_tinit"],
+        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_rinit"],
     ),
     # A couple of minutes: every stage runs, the numbers mean little.
     "smoke": dict(
@@ -133,7 +133,7 @@ PRESETS = {
         ct_s1=20, ct_mu0=0.9,
         mid_sweep=[0.821, 2.5], search_seed=1000, search_grid=40,
         toy_steps=[100, 200], toy_methods=["cd", "ct"], toy_eval_n=2000,
-        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_tinit"],
+        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_rinit"],
     ),
 }
 
@@ -148,22 +148,23 @@ TWO_STEP = {
 # label, loss overrides, two-step family
 METHODS = {
     "edm": dict(label="EDM teacher", mode="edm", overrides=["loss.mode=edm"]),
+    # CD students start from the teacher's weights (loss.init_from_teacher, as the reference's
+    # scripts/cm_train.py does and the CD recipes do).
     "cd_l2": dict(label="CD (l2)", mode="cd", family="cd",
                   overrides=["loss.mode=cd", "loss.metric=l2", "loss.num_scales=40",
-                             "loss.target_ema=0.95", "loss.solver=heun"]),
-    # Diagnostic: the reference (openai/consistency_models scripts/cm_train.py) copies the
-    # teacher's weights into the student before CD; cmscale's trainer starts CD from random
-    # weights. Same trainer and loss, the initial weights set in-process (see train()).
-    "cd_l2_tinit": dict(label="CD (l2), student initialised from the teacher", mode="cd",
-                        family="cd", init_from_teacher=True, diagnostic=True,
+                             "loss.target_ema=0.95", "loss.solver=heun", "loss.init_from_teacher=true"]),
+    # Diagnostic: the same CD from random weights (loss.init_from_teacher=false, the trainer's
+    # default), which makes the published two-step ts lose to one step here.
+    "cd_l2_rinit": dict(label="CD (l2), student from random weights", mode="cd",
+                        family="cd", diagnostic=True,
                         overrides=["loss.mode=cd", "loss.metric=l2", "loss.num_scales=40",
                                    "loss.target_ema=0.95", "loss.solver=heun"]),
     "cd_lpips": dict(label="CD (LPIPS)", mode="cd", family="cd",
                      overrides=["loss.mode=cd", "loss.metric=lpips", "loss.num_scales=40",
-                                "loss.target_ema=0.95", "loss.solver=heun"]),
+                                "loss.target_ema=0.95", "loss.solver=heun", "loss.init_from_teacher=true"]),
     "cd_ph": dict(label="CD (pseudo-Huber, LPIPS substitute)", mode="cd", family="cd",
                   overrides=["loss.mode=cd", "loss.metric=pseudo_huber", "loss.num_scales=40",
-                             "loss.target_ema=0.95", "loss.solver=heun"]),
+                             "loss.target_ema=0.95", "loss.solver=heun", "loss.init_from_teacher=true"]),
     # CT's curriculum (s0, s1, mu0) comes from the settings ({ct_s1}, {ct_mu0}): see PRESETS.
     "ct": dict(label="CT (l2)", mode="ct", family="ct",
                overrides=["loss.mode=ct", "loss.metric=l2", "loss.start_scales=2",
@@ -258,6 +259,7 @@ def train(work: str, s: dict, method: str, seed: int, teacher=None, vgg=None, fr
     if os.path.isfile(record_path):
         with open(record_path) as f:
             rec = json.load(f)
+        rec["run_dir"] = run_dir  # where it is now (work directories can be moved)
         log(f"train {method} seed {seed}: reusing {run_dir} ({rec['seconds']:.0f} s when trained)")
         return rec
     cfg = load_config(BASE_CONFIG, overrides)
@@ -265,10 +267,7 @@ def train(work: str, s: dict, method: str, seed: int, teacher=None, vgg=None, fr
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     t0 = time.time()
     try:
-        if METHODS[method].get("init_from_teacher"):
-            code = _train_from_teacher(cfg, run_dir, teacher)
-        else:
-            code = training_loop(cfg, run_dir)
+        code = training_loop(cfg, run_dir)
     finally:
         for sig, h in saved.items():  # the loop leaves stop signals ignored when it returns
             signal.signal(sig, h)
@@ -286,30 +285,6 @@ def train(work: str, s: dict, method: str, seed: int, teacher=None, vgg=None, fr
         json.dump(rec, f, indent=1)
     log(f"train {method} seed {seed}: done in {secs:.0f} s, final loss {losses[-1]['loss']:.4g}")
     return rec
-
-
-def _train_from_teacher(cfg, run_dir: str, teacher: str) -> int:
-    """The product's Trainer, with online net, target and EMAs starting from the teacher's
-    weights (what the reference's cm_train.py does; the trainer has no option for it yet)."""
-    from cmscale import dist
-    from cmscale.ema import update_average
-    from cmscale.training_loop import Trainer
-    from cmscale.weights import load_state_dict
-
-    try:
-        tr = Trainer(cfg, run_dir)
-        state = load_state_dict(teacher)
-        tr.net.model.load_state_dict(state, strict=True)
-        # the target and the EMAs become copies of the new weights (rate 0)
-        if isinstance(tr.target, torch.nn.Module):  # a replicated target
-            update_average(tr.target, tr.net, 0.0)
-        else:  # cmscale.ema.ShardedTarget
-            tr.target.update(0.0)
-        for e in tr.emas.values():
-            e.update(rate=0.0)
-        return tr.run()  # resumes (and overwrites these weights) if a checkpoint exists
-    finally:
-        dist.shutdown()
 
 
 def export_teacher(run_dir: str, ema: str) -> str:
@@ -969,9 +944,9 @@ def main(argv=None) -> int:
         "Sample grids (grids/<method>.png): the first 64 samples of training seed "
         f"{s['train_seeds'][0]}, sampling seed {s['sample_seeds'][0]}, one labelled panel per "
         "sampler (the teacher: NFE 1, 2, 5 and its most).",
-        "CD students (cd_l2, cd_ph) start from random weights, as cmscale's trainer does; the "
-        "reference (openai/consistency_models scripts/cm_train.py) copies the teacher's weights "
-        "into the student before CD: the cd_l2_tinit diagnostic does that.",
+        "CD students (cd_l2, cd_ph) start from the teacher's weights (loss.init_from_teacher=true, "
+        "as the reference's scripts/cm_train.py and the CD recipes do); the cd_l2_rinit "
+        "diagnostic starts from random weights, the trainer's default.",
         "CT: s0=2, s1=" f"{s['ct_s1']}, mu0={s['ct_mu0']} over {s['ct_steps']} steps; the "
         "reference curriculum (s1=150, mu0=0.95) is the ct_ref diagnostic.",
         "Two steps, 'searched mid': ternary search of the FD over p in ts=0,p,"
