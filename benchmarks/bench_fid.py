@@ -14,8 +14,8 @@ clean-fid's InceptionV3W does. Both pipelines get the same network:
   resize in W DataLoader workers, the network in the main process under inference_mode, with
   batch norms folded into the convolutions (torch.fx), NHWC (channels_last) convolutions and
   the network run in stages over cache-sized chunks of the batch (`ChunkedStages`); then
-  `fid_from_stats` (Tr sqrt(S1 S2) from eigenvalues; clean-fid runs scipy's sqrtm). And the same on --ranks gloo processes (each rank one share of the
-  files, statistics all-reduced). `--no-optimize` keeps the module as it is.
+  `fid_from_stats` (Tr sqrt(S1 S2) from eigenvalues; clean-fid runs scipy's sqrtm). And the
+  same on --ranks gloo processes (each rank one share of the files, statistics all-reduced). `--no-optimize` keeps the module as it is.
 The resize is identical (Pillow "clean" mode in both), so the FID values must agree; they differ
 by float32 rounding of the folded NHWC convolutions (about 1e-7 relative in the features).
 Prints images/s for each (both folders, i.e. --num images, per wall-clock second), the ratio

@@ -145,26 +145,27 @@ TWO_STEP = {
                 "(ts=0,788,1280 / 1281)"),
 }
 
+
+def _cd_overrides(metric: str, from_teacher: bool = True) -> list:
+    """CD as the reference distils ImageNet 64: Heun teacher steps, N = 40, target EMA 0.95."""
+    ov = ["loss.mode=cd", f"loss.metric={metric}", "loss.num_scales=40", "loss.target_ema=0.95",
+          "loss.solver=heun"]
+    return ov + ["loss.init_from_teacher=true"] if from_teacher else ov
+
+
 # label, loss overrides, two-step family
 METHODS = {
     "edm": dict(label="EDM teacher", mode="edm", overrides=["loss.mode=edm"]),
     # CD students start from the teacher's weights (loss.init_from_teacher, as the reference's
     # scripts/cm_train.py does and the CD recipes do).
-    "cd_l2": dict(label="CD (l2)", mode="cd", family="cd",
-                  overrides=["loss.mode=cd", "loss.metric=l2", "loss.num_scales=40",
-                             "loss.target_ema=0.95", "loss.solver=heun", "loss.init_from_teacher=true"]),
+    "cd_l2": dict(label="CD (l2)", mode="cd", family="cd", overrides=_cd_overrides("l2")),
     # Diagnostic: the same CD from random weights (loss.init_from_teacher=false, the trainer's
     # default), which makes the published two-step ts lose to one step here.
-    "cd_l2_rinit": dict(label="CD (l2), student from random weights", mode="cd",
-                        family="cd", diagnostic=True,
-                        overrides=["loss.mode=cd", "loss.metric=l2", "loss.num_scales=40",
-                                   "loss.target_ema=0.95", "loss.solver=heun"]),
-    "cd_lpips": dict(label="CD (LPIPS)", mode="cd", family="cd",
-                     overrides=["loss.mode=cd", "loss.metric=lpips", "loss.num_scales=40",
-                                "loss.target_ema=0.95", "loss.solver=heun", "loss.init_from_teacher=true"]),
+    "cd_l2_rinit": dict(label="CD (l2), student from random weights", mode="cd", family="cd",
+                        diagnostic=True, overrides=_cd_overrides("l2", from_teacher=False)),
+    "cd_lpips": dict(label="CD (LPIPS)", mode="cd", family="cd", overrides=_cd_overrides("lpips")),
     "cd_ph": dict(label="CD (pseudo-Huber, LPIPS substitute)", mode="cd", family="cd",
-                  overrides=["loss.mode=cd", "loss.metric=pseudo_huber", "loss.num_scales=40",
-                             "loss.target_ema=0.95", "loss.solver=heun", "loss.init_from_teacher=true"]),
+                  overrides=_cd_overrides("pseudo_huber")),
     # CT's curriculum (s0, s1, mu0) comes from the settings ({ct_s1}, {ct_mu0}): see PRESETS.
     "ct": dict(label="CT (l2)", mode="ct", family="ct",
                overrides=["loss.mode=ct", "loss.metric=l2", "loss.start_scales=2",

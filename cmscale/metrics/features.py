@@ -245,22 +245,22 @@ def _chain_of_stages(gm) -> list | None:
     None when the graph has no such cut (e.g. several inputs)."""
     from torch.fx.passes.split_module import split_module
 
-    nodes = [n for n in gm.graph.nodes]
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
+    nodes = list(gm.graph.nodes)
+    if sum(n.op == "placeholder" for n in nodes) != 1:
         return None
     order = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in nodes}
-    part, current, cut_after = {}, 0, False
+    part, current, cut_after, reach = {}, 0, False, 0
     for n in nodes:
-        if n.op in ("placeholder", "output"):
-            continue
-        if cut_after:
-            current += 1
-        part[n] = current
-        # A cut after n if n is the only value defined so far that is still needed later.
-        live = [m for m in nodes[:order[n] + 1] if last_use[m] > order[n] and m.op != "output"]
-        cut_after = live == [n] and n.op != "get_attr"
+        if n.op not in ("placeholder", "output"):
+            if cut_after:
+                current += 1
+            part[n] = current
+            # A cut after n if n is still needed later and nothing defined before it is
+            # (`reach`: the last use of any earlier value).
+            i = order[n]
+            cut_after = reach <= i < last_use[n] and n.op != "get_attr"
+        reach = max(reach, last_use[n])
     if current == 0:
         return None
     split = split_module(gm, None, lambda n: part[n])
