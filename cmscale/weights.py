@@ -30,16 +30,35 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors' serialisation with a deterministic header.
+
+    The library keeps ``__metadata__`` in a hash map, so its key order (and the file's bytes)
+    changes from process to process. The header is re-written here with sorted keys: the same
+    weights and metadata give the same bytes, and the file is still read by any safetensors.
+    """
+    from safetensors.torch import save
+
+    raw = save(state, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    ordered.update(sorted(header.items()))  # data_offsets still point into the same buffer
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+
+
 def save_state_dict(state: dict[str, torch.Tensor], path: str, metadata: dict | None = None):
     """Write atomically (temporary name, then rename) as safetensors or torch."""
     tmp = f"{path}.tmp-{os.getpid()}"
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        meta = {k: json.dumps(v) if not isinstance(v, str) else v
+        meta = {k: json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
                 for k, v in (metadata or {}).items()}
-        save_file(state, tmp, metadata=meta)
+        with open(tmp, "wb") as f:
+            f.write(_safetensors_bytes(state, meta))
     else:
         torch.save({"state_dict": state, "metadata": metadata or {}}, tmp)
     os.replace(tmp, path)

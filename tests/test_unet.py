@@ -198,3 +198,72 @@ def test_convert_tool_loads_strictly_and_converts(tmp_path):
 
     with pytest.raises(RuntimeError):  # wrong architecture: strict loading refuses it
         tool.main([str(src), str(tmp_path / "bad.pt"), "--preset", "tiny16"])
+
+
+# Every preset at a small image size (the architecture per block is the preset's; only the
+# number of pixels changes), so that even lsun256 runs in a second on CPU.
+_SMALL_SIDE = {"lsun256": 32, "imagenet64": 32}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_sees_the_noise_level(preset):
+    side = _SMALL_SIDE.get(preset, PRESETS[preset]["image_size"])
+    kw = {"image_size": side}
+    if preset in _SMALL_SIDE:  # attention at the same depths as at full size
+        full = PRESETS[preset]["image_size"]
+        kw["attention_resolutions"] = [r * side // full for r in PRESETS[preset]["attention_resolutions"]]
+    torch.manual_seed(0)
+    net = create_unet(preset, **kw).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # random weights everywhere (zero-initialised branches too)
+            p.normal_(0, 0.02 if p.numel() > 10**6 else 0.1)
+    x = torch.randn(1, 3, side, side)
+    y = torch.zeros(1, dtype=torch.long) if net.num_classes else None
+    from cmscale.networks import c_noise
+
+    with torch.no_grad():
+        a = net(x, c_noise(torch.tensor([1.0])), y)
+        b = net(x, c_noise(torch.tensor([1.5])), y)
+        a2 = net(x, c_noise(torch.tensor([1.0])), y)
+    rounding = (a - a2).abs().max().item() + 1e-6 * a.abs().max().item()
+    change = (a - b).abs().max().item()
+    assert change > 1e-3 * a.abs().max().item() and change > 100 * rounding, (change, rounding)
+
+
+def test_time_blind_unet_is_an_error_naming_the_fix():
+    # 32 channels per block, no scale-shift: each GroupNorm group is one channel, so the
+    # per-channel time-embedding constant is normalised away in every ResBlock.
+    blind = dict(image_size=8, model_channels=32, channel_mult=(1, 1), num_res_blocks=1,
+                 attention_resolutions=(4,), num_heads=2, use_scale_shift_norm=False)
+    with pytest.raises(ValueError, match="use_scale_shift_norm=True.*64 channels.*allow_time_blind"):
+        UNet(**blind)
+    # Allowed explicitly it builds, and it is indeed blind to the noise level.
+    torch.manual_seed(0)
+    net = UNet(**blind, allow_time_blind=True).double().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        change = (net(x, torch.full((2,), 1.0, dtype=torch.float64))
+                  - net(x, torch.full((2,), 1.5, dtype=torch.float64))).abs().max().item()
+    assert change < 1e-6
+    from cmscale.networks.unet import time_blind_blocks
+
+    assert len(time_blind_blocks(net)) == 8  # 2 down, 2 middle, 4 up: every ResBlock
+    # Either fix is accepted: scale-shift normalisation, or two channels per group.
+    UNet(**{**blind, "use_scale_shift_norm": True})
+    UNet(**{**blind, "model_channels": 64})
+    # The reference presets are not affected (at least 8 channels per group, or scale-shift).
+    with torch.device("meta"):
+        for name in ("lsun256", "imagenet64"):
+            assert time_blind_blocks(create_unet(name)) == []
+
+
+def test_noise_label_scale_is_a_multiplier_on_the_time_input():
+    torch.manual_seed(0)
+    net = create_unet("tiny16", noise_label_scale=0.25).eval()
+    ref = create_unet("tiny16").eval()
+    ref.load_state_dict(net.state_dict())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([-400.0, 300.0])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t), ref(x, t * 0.25), atol=0, rtol=0)

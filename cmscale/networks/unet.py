@@ -47,6 +47,7 @@ __all__ = [
     "create_unet",
     "convert_qkv_layout",
     "timestep_embedding",
+    "time_blind_blocks",
     "ATTENTION_LAYOUTS",
 ]
 
@@ -79,10 +80,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         attention_resolutions=(16,), num_head_channels=16, use_scale_shift_norm=True,
         resblock_updown=True, num_classes=10, dropout=0.0,
     ),
-    # The other branches: additive time embedding, conv Downsample/Upsample, heads by count.
+    # The other branches: conv Downsample/Upsample, heads by count. Scale-shift normalisation:
+    # at 32 channels an additive time embedding would be normalised away (see time_blind_blocks).
     "tiny16": dict(
         image_size=16, model_channels=32, channel_mult=(1, 1), num_res_blocks=1,
-        attention_resolutions=(8,), num_heads=2, use_scale_shift_norm=False,
+        attention_resolutions=(8,), num_heads=2, use_scale_shift_norm=True,
         resblock_updown=False, num_classes=None, dropout=0.0,
     ),
 }
@@ -277,6 +279,8 @@ class UNet(nn.Module):
         learn_sigma: the reference's flag: 2x output channels (ADM's learned variance). False for
             all public consistency_models checkpoints.
         attention_layout: "flash" (public checkpoints) or "legacy" (guided-diffusion); see module doc.
+        allow_time_blind: build even if some ResBlock cannot see the noise level (see
+            `time_blind_blocks`); otherwise that is a ValueError.
     """
 
     def __init__(
@@ -296,6 +300,8 @@ class UNet(nn.Module):
         resblock_updown: bool = False,
         learn_sigma: bool = False,
         attention_layout: str = "flash",
+        allow_time_blind: bool = False,
+        noise_label_scale: float = 1.0,
     ):
         super().__init__()
         out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
@@ -303,6 +309,7 @@ class UNet(nn.Module):
         self.model_channels, self.num_classes = model_channels, num_classes
         self.num_heads, self.num_head_channels = num_heads, num_head_channels
         self.attention_layout = attention_layout
+        self.noise_label_scale = float(noise_label_scale)
 
         attention_ds = {image_size // res for res in attention_resolutions}
         reachable = {2**level for level in range(len(channel_mult))}
@@ -362,6 +369,16 @@ class UNet(nn.Module):
             GroupNorm32(ch), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
+        blind = time_blind_blocks(self)
+        if blind and not allow_time_blind:
+            raise ValueError(
+                f"{len(blind)} of this UNet's ResBlocks cannot see the noise level ({blind[0]}, ...): "
+                f"without scale-shift normalisation the time embedding is added as one constant per "
+                f"channel, and a GroupNorm of 32 groups over 32 channels subtracts it again. Use "
+                f"use_scale_shift_norm=True, or at least 64 channels in every block "
+                f"(model_channels * channel_mult), or pass allow_time_blind=True to build it anyway"
+            )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -388,6 +405,8 @@ class UNet(nn.Module):
         # Embedding MLP in float32 even under autocast, like the reference's fp32 time_embed.
         with torch.autocast(x.device.type, enabled=False):
             w = self.time_embed[0].weight
+            if self.noise_label_scale != 1.0:
+                noise_labels = noise_labels * self.noise_label_scale
             emb = self.time_embed(timestep_embedding(noise_labels, self.model_channels).to(w.dtype))
             if self.label_emb is not None:
                 if class_labels.is_floating_point():
@@ -406,6 +425,23 @@ class UNet(nn.Module):
         # Last conv in float32 too: the reference casts back to x's dtype before `out`.
         with torch.autocast(x.device.type, enabled=False):
             return self.out(h.to(self.out[2].weight.dtype))
+
+
+def time_blind_blocks(net: nn.Module) -> list[str]:
+    """Names of the ResBlocks whose output does not depend on the time embedding.
+
+    Without scale-shift normalisation a ResBlock adds `emb_layers(emb)` as one constant per
+    channel right before `out_layers[0]`, a GroupNorm. When every group holds a single channel
+    the normalisation subtracts each channel's mean, constant included: the block, and a UNet
+    made only of such blocks, ignores the noise level.
+    """
+    blind = []
+    for name, module in net.named_modules():
+        if isinstance(module, ResBlock) and not module.use_scale_shift_norm:
+            norm = module.out_layers[0]
+            if norm.num_channels == norm.num_groups:
+                blind.append(name)
+    return blind
 
 
 def create_unet(preset: str | Mapping[str, Any] | None = None, **overrides: Any) -> UNet:
