@@ -31,7 +31,7 @@ extras_require["dev"] = sorted(
 
 setup(
     name="cmscale",
-    version="0.1.0",
+    version="0.2.0",
     description="Distributed training of diffusion consistency models (CD, CT, iCT)",
     packages=find_packages(include=["cmscale", "cmscale.*"]),
     python_requires=">=3.10",

@@ -1,3 +1,3 @@
 """cmscale: distributed training of diffusion consistency models (Song et al. 2023; iCT)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

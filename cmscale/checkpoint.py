@@ -585,13 +585,25 @@ def load(path: str | os.PathLike, state: dict[str, Any], *, strict: bool = True)
             f"{dist.get_world_size()}: {len(skipped)} per-rank entries (e.g. RNG "
             f"states) are not restored"
         )
-    with _calling_dcp("load", path):
-        dcp.load(
-            dcp_state,
-            storage_reader=_SafeReader(path),
-            planner=_SafeLoadPlanner(allow_partial_load=not strict),
-            no_dist=not dist.is_initialized(),
-        )
+    try:
+        with _calling_dcp("load", path):
+            dcp.load(
+                dcp_state,
+                storage_reader=_SafeReader(path),
+                planner=_SafeLoadPlanner(allow_partial_load=not strict),
+                no_dist=not dist.is_initialized(),
+            )
+    except (ValueError, RuntimeError) as e:
+        if "Size mismatch" not in str(e):
+            raise
+        detail = next(line for line in str(e).splitlines() if "Size mismatch" in line)
+        raise ValueError(
+            f"checkpoint {path} holds tensors of another shape than the network this run "
+            f"builds ({detail.strip()}): net.preset or net.overrides differ from the ones it was "
+            f"written with, or the preset changed between cmscale versions (tiny16 has used "
+            f"scale-shift normalisation since 0.2: for an older run add "
+            f"net.overrides.use_scale_shift_norm=false and net.overrides.allow_time_blind=true "
+            f"to its config.yaml)") from None
     _fill(state, dcp_state)
     return meta
 

@@ -191,6 +191,21 @@ def test_run_dir_checkpoint_dir_and_export_sample_alike(run_dir, tmp_path):
     assert info["network"] == "ema_0_9999" and info["nimg"] == 16
 
 
+def test_exports_of_the_same_run_are_byte_identical(run_dir, tmp_path):
+    # Separate processes: safetensors keeps its metadata in a per-process hash map.
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"e{i}.safetensors"
+        subprocess.run([sys.executable, "-m", "cmscale.export", str(run_dir), "--out", str(out)],
+                       env=clean_env(), cwd=ROOT, check=True, capture_output=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "e0.safetensors"), "pt") as f:
+        assert f.metadata()["preset"] == "tiny16"
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -81,11 +81,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         resblock_updown=True, num_classes=10, dropout=0.0,
     ),
     # The other branches: conv Downsample/Upsample, heads by count. Scale-shift normalisation:
-    # at 32 channels an additive time embedding would be normalised away (see time_blind_blocks).
+    # at 32 channels an additive time embedding would be normalised away (see
+    # time_blind_blocks). The embedding sees ln(sigma) (noise_label_scale 1/250), not
+    # 250 ln(sigma): its 16 frequencies then vary smoothly over the noise levels, which keeps
+    # this small network's consistency training stable.
     "tiny16": dict(
         image_size=16, model_channels=32, channel_mult=(1, 1), num_res_blocks=1,
         attention_resolutions=(8,), num_heads=2, use_scale_shift_norm=True,
-        resblock_updown=False, num_classes=None, dropout=0.0,
+        resblock_updown=False, num_classes=None, dropout=0.0, noise_label_scale=0.004,
     ),
 }
 
@@ -106,10 +109,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32, C) evaluated in float32 whatever the input dtype (ADM's GroupNorm32)."""
+    """GroupNorm(32, C) evaluated in float32 whatever the input dtype (ADM's GroupNorm32).
 
-    def __init__(self, channels: int):
-        super().__init__(32, channels)
+    `groups` other than 32 only for small networks (the `norm_groups` of `UNet`)."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__(groups, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = None if self.weight is None else self.weight.float()
@@ -169,20 +174,22 @@ class ResBlock(nn.Module):
         out_channels: int | None = None,
         use_scale_shift_norm: bool = False,
         resample: str | None = None,
+        norm_groups: int = 32,
     ):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resample = resample  # None, "up" or "down": parameter-free, applied mid-block
         self.in_layers = nn.Sequential(
-            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(channels, norm_groups), nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(
             nn.SiLU(),
             nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels),
         )
         self.out_layers = nn.Sequential(
-            GroupNorm32(out_channels),
+            GroupNorm32(out_channels, norm_groups),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
@@ -212,13 +219,13 @@ class AttentionBlock(nn.Module):
     """Multi-head self-attention over all positions (ADM). Keys: norm, qkv, proj_out."""
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 layout: str = "flash"):
+                 layout: str = "flash", norm_groups: int = 32):
         super().__init__()
         if layout not in ATTENTION_LAYOUTS:
             raise ValueError(f"attention layout must be one of {ATTENTION_LAYOUTS}, got {layout!r}")
         self.num_heads = _heads(channels, num_heads, num_head_channels)
         self.layout = layout
-        self.norm = GroupNorm32(channels)
+        self.norm = GroupNorm32(channels, norm_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = _zero(nn.Conv2d(channels, channels, 1))
 
@@ -279,6 +286,11 @@ class UNet(nn.Module):
         learn_sigma: the reference's flag: 2x output channels (ADM's learned variance). False for
             all public consistency_models checkpoints.
         attention_layout: "flash" (public checkpoints) or "legacy" (guided-diffusion); see module doc.
+        noise_label_scale: multiplies `noise_labels` before the sinusoidal embedding (1: the
+            reference). The reference's 250 ln(sigma) makes most of a narrow embedding's
+            frequencies oscillate between neighbouring noise levels.
+        norm_groups: GroupNorm groups (32: the reference). Fewer groups let a narrow network
+            with an additive time embedding see it.
         allow_time_blind: build even if some ResBlock cannot see the noise level (see
             `time_blind_blocks`); otherwise that is a ValueError.
     """
@@ -302,6 +314,7 @@ class UNet(nn.Module):
         attention_layout: str = "flash",
         allow_time_blind: bool = False,
         noise_label_scale: float = 1.0,
+        norm_groups: int = 32,
     ):
         super().__init__()
         out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
@@ -327,10 +340,10 @@ class UNet(nn.Module):
         self.label_emb = nn.Embedding(num_classes, emb_dim) if num_classes is not None else None
 
         def res(cin, cout=None, resample=None):
-            return ResBlock(cin, emb_dim, dropout, cout, use_scale_shift_norm, resample)
+            return ResBlock(cin, emb_dim, dropout, cout, use_scale_shift_norm, resample, norm_groups)
 
         def attn(ch):
-            return AttentionBlock(ch, num_heads, num_head_channels, attention_layout)
+            return AttentionBlock(ch, num_heads, num_head_channels, attention_layout, norm_groups)
 
         # Encoder. `skips` records the width of every feature map the decoder will concatenate.
         ch = int(channel_mult[0] * model_channels)
@@ -366,7 +379,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(ch), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+            GroupNorm32(ch, norm_groups), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
         blind = time_blind_blocks(self)
@@ -374,9 +387,9 @@ class UNet(nn.Module):
             raise ValueError(
                 f"{len(blind)} of this UNet's ResBlocks cannot see the noise level ({blind[0]}, ...): "
                 f"without scale-shift normalisation the time embedding is added as one constant per "
-                f"channel, and a GroupNorm of 32 groups over 32 channels subtracts it again. Use "
-                f"use_scale_shift_norm=True, or at least 64 channels in every block "
-                f"(model_channels * channel_mult), or pass allow_time_blind=True to build it anyway"
+                f"channel, and a GroupNorm with one channel per group subtracts it again. Use "
+                f"use_scale_shift_norm=True, or at least two channels per GroupNorm group in every "
+                f"block (model_channels * channel_mult >= 2 * norm_groups), or pass allow_time_blind=True to build it anyway"
             )
 
     def forward(
