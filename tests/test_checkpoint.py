@@ -273,3 +273,12 @@ def test_two_rank_checkpoint_loads_into_one_process(two_rank_run):
             assert torch.equal(opt.state_dict()["state"][i][name], t)
     assert state["train"] == {"nimg": _dist_worker.SAVE_NIMG, "step": 2, "note": "after 2 steps"}
     assert torch.equal(torch.get_rng_state(), rng)  # per-rank RNG: not restored across sizes
+
+
+def test_a_network_of_another_shape_is_a_clear_error(tmp_path):
+    # e.g. a run written before a preset changed (tiny16 gained scale-shift normalisation)
+    net, opt = _trained()
+    ck.save(tmp_path, {"model": ck.ModelOptimizer(net, opt)}, {"nimg": 8})
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    with pytest.raises(ValueError, match="another shape.*net.preset or net.overrides"):
+        ck.load_latest(tmp_path, {"model": ck.ModelOptimizer(wider)})
