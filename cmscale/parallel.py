@@ -107,11 +107,15 @@ import torch
 from torch import nn
 
 from . import dist
-from .checkpoint import shard_range
+from .checkpoint import ModelOptimizer
+from .ema import frozen_copy, update_average
 
 __all__ = [
+    "DDPBackend",
+    "DeepSpeedBackend",
     "DeepSpeedFiles",
     "ModuleWeights",
+    "build_backend",
     "check_resume",
     "deepspeed_config",
     "full_parameters",
@@ -352,3 +356,177 @@ def check_resume(cfg, meta: dict, world: int) -> None:
             f"that wrote them (other sizes need DeepSpeed's universal checkpoint conversion, "
             f"deepspeed.checkpoint.ds_to_universal, which cmscale does not wire up). Resume "
             f"with {saved_world} ranks.")
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward pass's autocast for ``train.precision`` (none for fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _poisoned(loss: torch.Tensor) -> torch.Tensor:
+    # A step is skipped on a non-finite gradient norm: make a non-finite loss reach that
+    # check (x1 otherwise: exact, no host sync).
+    return loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
+
+
+class _Backend:
+    """What the loop asks of a backend; ``wrapped`` is what the forward goes through.
+
+    A step: ``set_lr``; per micro-batch ``with micro_batch(m, num):`` around the forward
+    (under ``autocast()``) and ``backward(loss)``; then ``step()``, True when the update was
+    applied (False: non-finite gradients, nothing changed, gradients cleared); then the target
+    and EMAs read ``full_parameters()``. Checkpoints: ``state(loading)`` gives this backend's
+    DCP entries, ``files(path)`` the entries that write files of their own, ``meta()`` what
+    the commit marker records, ``restore(state, path)`` finishes a resume.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo):
+        self.opt, self.precision, self.device = opt, cfg.train.precision, info.device
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:  # DeepSpeed's ZeRO optimizers step these same groups
+            g["lr"] = lr
+
+    def autocast(self):
+        return autocast(self.precision, self.device)
+
+    def files(self, path) -> dict:
+        return {}
+
+    def meta(self) -> dict:
+        return {}
+
+
+class DDPBackend(_Backend):
+    """DDP (the plain module in one process); with fp16 a ``GradScaler`` whose dynamic loss
+    scale is halved, and the step skipped, on non-finite gradients."""
+
+    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo):
+        super().__init__(opt, cfg, info)
+        self.net, self.grad_clip = net, cfg.optim.grad_clip
+        self.scaler = (torch.amp.GradScaler(info.device.type,
+                                            init_scale=cfg.train.initial_loss_scale)
+                       if cfg.train.precision == "fp16" else None)
+        self.wrapped = wrap_ddp(net, info)
+
+    def micro_batch(self, m: int, num: int):
+        # gradients are all-reduced in the backward of the last micro-batch only
+        if m < num - 1 and self.wrapped is not self.net:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = _poisoned(loss)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> bool:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # Gradients are identical on all ranks after DDP's all-reduce, so every rank reaches
+        # the same verdict without another collective.
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+        elif self.scaler is not None:
+            self.scaler.update(self.scaler.get_scale() / 2)  # the reference halves and skips
+        self.opt.zero_grad(set_to_none=True)
+        return applied
+
+    def full_parameters(self):
+        return contextlib.nullcontext(self.net)
+
+    def blank_network(self) -> nn.Module:
+        """A plain network (no grads) to write whole weights into."""
+        return frozen_copy(self.net)
+
+    def online_network(self) -> nn.Module:
+        """The online network, whole, for sampling."""
+        return self.net
+
+    def state(self, loading: bool = False) -> dict:
+        s: dict[str, Any] = {"model": ModelOptimizer(self.net, self.opt)}
+        if self.scaler is not None:
+            s["scaler"] = {"scale": torch.tensor(float(self.scaler.get_scale()))}
+        return s
+
+    def restore(self, state: dict, path) -> None:
+        if self.scaler is not None:
+            self.scaler.update(float(state["scaler"]["scale"]))
+
+
+class DeepSpeedBackend(_Backend):
+    """A DeepSpeed ZeRO engine: it scales fp16 losses, reduces, clips and skips non-finite
+    steps itself; the target and EMAs read the full fp32 weights of ``full_parameters``.
+
+    ``build_net``: a fresh plain network, for whole copies of the weights (not a copy of the
+    engine's module: its storage and hooks belong to the engine)."""
+
+    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
+                 micro: int, accum: int, build_net):
+        super().__init__(opt, cfg, info)
+        self.engine = wrap_deepspeed(net, opt, cfg, info, micro, accum)
+        self.wrapped, self.build_net = self.engine, build_net
+        self.zero_stage = cfg.train.zero_stage
+
+    def micro_batch(self, m: int, num: int):
+        # DeepSpeed's no_sync: reduce (and step) only after the last micro-batch
+        self.engine.set_gradient_accumulation_boundary(m == num - 1)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(_poisoned(loss), scale_wrt_gas=False)  # already / accumulation
+
+    def step(self) -> bool:
+        self.engine.step()  # clipping, non-finite check, zeroing the gradients
+        # DeepSpeed all-reduces the gradient norm it skips on: every rank has the same verdict.
+        return self.engine.was_step_applied()
+
+    def full_parameters(self):
+        return full_parameters(self.engine)
+
+    def blank_network(self) -> nn.Module:
+        return self.build_net().to(self.device).requires_grad_(False)
+
+    def online_network(self) -> nn.Module:
+        net = self.blank_network()
+        with full_parameters(self.engine) as full:
+            update_average(net, full, 0.0)  # rate 0: a copy
+        return net
+
+    def state(self, loading: bool = False) -> dict:
+        # DeepSpeed's optimizer state is partitioned in its own layout: its own files hold it
+        # (DeepSpeedFiles) and restore the module; DCP holds the module weights for readers.
+        return {} if loading else {"model": ModuleWeights(self.engine)}
+
+    def files(self, path) -> dict:
+        return {"deepspeed": DeepSpeedFiles(self.engine, path)}
+
+    def meta(self) -> dict:
+        return {"zero_stage": self.zero_stage}
+
+    def restore(self, state: dict, path) -> None:
+        load_deepspeed(self.engine, path)
+
+
+def build_backend(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
+                  micro: int, accum: int, build_net):
+    """The backend of ``train.backend`` around the plain module ``net`` and optimizer ``opt``."""
+    if cfg.train.backend == "deepspeed":
+        return DeepSpeedBackend(net, opt, cfg, info, micro, accum, build_net)
+    return DDPBackend(net, opt, cfg, info)
