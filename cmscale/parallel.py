@@ -1,11 +1,14 @@
-"""Wrapping the plain network for data-parallel training: DDP, or a DeepSpeed ZeRO engine.
+"""Data-parallel backends: DDP (with fp16's GradScaler), or a DeepSpeed ZeRO engine.
 
-The training loop keeps two names (STYLE.md, principle 7): ``net``, the plain preconditioned
-module (averages, checkpoints, export), and the wrapped object the forward pass goes through:
-``wrap_ddp(net, info)`` (DDP, or ``net`` itself in a single process) or
-``wrap_deepspeed(net, opt, cfg, info, micro, accum)`` (``train.backend=deepspeed``). Both wrap
-the same module object; the optimizer is ours (``build_optimizer``), handed to DeepSpeed with
-``zero_allow_untested_optimizer`` so DeepSpeed builds no optimizer op of its own.
+``build_backend`` returns a ``DDPBackend`` or ``DeepSpeedBackend`` with one interface (see
+``_Backend``): the micro-batch context, backward, the optimizer step (applied or skipped),
+the full fp32 parameters for the target and EMAs, and the backend's checkpoint entries. The
+loop keeps two names: ``net``, the plain preconditioned module (averages, checkpoints,
+export), and ``backend.wrapped``, what the forward pass goes through: ``wrap_ddp(net, info)``
+(DDP, or ``net`` itself in a single process) or ``wrap_deepspeed(net, opt, cfg, info, micro,
+accum)`` (``train.backend=deepspeed``). Both wrap the same module object; the optimizer is
+ours (``build_optimizer``), handed to DeepSpeed with ``zero_allow_untested_optimizer`` so
+DeepSpeed builds no optimizer op of its own.
 
 What each ZeRO stage shards here (W data-parallel ranks)
 ---------------------------------------------------------
@@ -35,9 +38,11 @@ any work. The fp16 path needs a GPU and is not exercised by the tests on our CPU
 
 Non-finite steps: DeepSpeed itself skips an optimizer step whose global gradient norm is inf
 or NaN, at every stage and precision (the norm is all-reduced, so every rank agrees), zeroes
-the gradients and reports it through ``engine.was_step_applied()``. The loop multiplies each
-micro-batch loss by 1 (or NaN if the loss is not finite) so a non-finite loss always reaches
-that check; a skipped step updates neither the target nor the EMAs.
+the gradients and reports it through ``engine.was_step_applied()``. The DDP backend skips on
+the same condition (gradients are identical on all ranks after the all-reduce). Both backends
+multiply each micro-batch loss by 1 (or NaN if the loss is not finite) before the backward, so
+a non-finite loss always reaches that check; a skipped step updates neither the target nor
+the EMAs.
 
 Target network and evaluation EMAs
 ----------------------------------
@@ -91,8 +96,8 @@ size, with another ZeRO stage, or with the other backend is therefore a clear er
 (Data streams, noise and evaluation EMAs would be world-size independent; only DeepSpeed's
 optimizer files are not.)
 
-Only this module, ``dist``, checkpointing and metrics touch ``torch.distributed`` (STYLE.md,
-principle 6); DeepSpeed is imported only when the deepspeed backend is used.
+Only this module, ``dist``, checkpointing and metrics touch ``torch.distributed``; DeepSpeed is
+imported only when the deepspeed backend is used.
 """
 
 from __future__ import annotations
@@ -379,10 +384,12 @@ def _poisoned(loss: torch.Tensor) -> torch.Tensor:
 class _Backend:
     """What the loop asks of a backend; ``wrapped`` is what the forward goes through.
 
-    A step: ``set_lr``; per micro-batch ``with micro_batch(m, num):`` around the forward
-    (under ``autocast()``) and ``backward(loss)``; then ``step()``, True when the update was
-    applied (False: non-finite gradients, nothing changed, gradients cleared); then the target
-    and EMAs read ``full_parameters()``. Checkpoints: ``state(loading)`` gives this backend's
+    A step: ``set_lr``; per micro-batch ``with micro_batch(m, num):`` around both the forward
+    (under ``autocast()``) and ``backward(loss)`` (DDP decides at the forward whether the
+    backward all-reduces); then ``step()``, True when the update was applied (False:
+    non-finite gradients, nothing changed); gradients are cleared either way; then the target
+    and EMAs read ``full_parameters()``. ``blank_network()`` and ``online_network()`` give
+    whole plain networks for sampling. Checkpoints: ``state(loading)`` gives this backend's
     DCP entries, ``files(path)`` the entries that write files of their own, ``meta()`` what
     the commit marker records, ``restore(state, path)`` finishes a resume.
     """
