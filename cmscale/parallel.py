@@ -474,7 +474,11 @@ class DDPBackend(_Backend):
 
     def restore(self, state: dict, path) -> None:
         if self.scaler is not None:
-            self.scaler.update(float(state["scaler"]["scale"]))
+            # Not scaler.update(scale): before its first scale() the GradScaler has no scale
+            # tensor to update. Only the scale is saved; the growth count starts again.
+            resumed = self.scaler.state_dict()
+            resumed["scale"] = float(state["scaler"]["scale"])
+            self.scaler.load_state_dict(resumed)
 
 
 class DeepSpeedBackend(_Backend):

@@ -244,6 +244,24 @@ def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
     assert r.returncode == 0, r.stdout
 
 
+def test_fp16_resume_is_bit_identical(tmp_path, cache):
+    """A resumed fp16 run restores the loss scale before the GradScaler's first step."""
+    import shutil
+
+    run = tmp_path / "run"
+    r = train(run, cache, "train.precision=fp16", "train.total_steps=4")
+    assert r.returncode == 0, r.stdout
+    want, _ = final_state(run)
+    shutil.rmtree(checkpoint.checkpoint_path(run, 32))  # back to the checkpoint of step 3
+    r = train(run, cache, "train.precision=fp16", "train.total_steps=4")
+    assert r.returncode == 0 and "resumed from 24 images" in r.stdout, r.stdout
+    got, meta = final_state(run)
+    assert meta["nimg"] == 32
+    for which in want:
+        for k in want[which]:
+            assert torch.equal(want[which][k], got[which][k]), (which, k)
+
+
 def test_resume_from_a_checkpoint_with_a_whole_target(tmp_path, cache, monkeypatch):
     """Checkpoints written before the target was sharded hold it as a whole module: a run
     resumes from one with the same target."""
