@@ -25,7 +25,7 @@ EMA target network (CD, CT) is sharded the same way (:class:`cmscale.ema.Sharded
 forward needs it whole, so it is all-gathered once per step and dropped after the update:
 between steps a rank holds 1/W of it, and checkpoints hold the shards.
 
-Methods (``loss.mode``, :mod:`cmscale.methods`) and backends (``train.backend``,
+Methods (:mod:`cmscale.methods`, chosen by the config) and backends (``train.backend``,
 :mod:`cmscale.parallel`) are objects the loop calls without asking which one it has: the
 method gives the schedule (N, mu) and the per-example loss, the backend the backward pass,
 the optimizer step (applied or skipped) and the full fp32 weights the target and EMAs read.
