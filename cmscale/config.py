@@ -91,7 +91,6 @@ class TrainConfig:
     backend: str = "ddp"                     # ddp | deepspeed
     zero_stage: int = 0                      # deepspeed ZeRO stage 1/2/3
     seed: int = 0
-    inject_nan_at: list = field(default_factory=list)  # fault injection (tests): NaN loss at these steps
 
 
 @dataclass
@@ -197,11 +196,18 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
 
 
+# Keys that older versions wrote, unset, into a run directory's config.yaml: ignored when
+# read with that empty value, so that those runs still export, sample and evaluate.
+RETIRED = frozenset({"train.inject_nan_at"})
+
+
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for name, value in data.items():
         key = prefix + name
+        if key in RETIRED and value in ([], None):
+            continue
         if name not in names:
             raise ConfigError(f"unknown config key {key!r}; known: {sorted(names)}")
         current = getattr(obj, name)

@@ -24,7 +24,7 @@ def load_run_network(run_dir: str, which: str = "", ckpt: str | None = None):
     """(network, config, checkpoint meta) for ``which`` = an EMA name, 'online' or 'target'.
 
     ``which`` defaults to the first evaluation EMA of the run."""
-    from .training_loop import build_net
+    from .methods import build_net
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     net = build_net(cfg)

@@ -1,11 +1,14 @@
-"""Wrapping the plain network for data-parallel training: DDP, or a DeepSpeed ZeRO engine.
+"""Data-parallel backends: DDP (with fp16's GradScaler), or a DeepSpeed ZeRO engine.
 
-The training loop keeps two names (STYLE.md, principle 7): ``net``, the plain preconditioned
-module (averages, checkpoints, export), and the wrapped object the forward pass goes through:
-``wrap_ddp(net, info)`` (DDP, or ``net`` itself in a single process) or
-``wrap_deepspeed(net, opt, cfg, info, micro, accum)`` (``train.backend=deepspeed``). Both wrap
-the same module object; the optimizer is ours (``build_optimizer``), handed to DeepSpeed with
-``zero_allow_untested_optimizer`` so DeepSpeed builds no optimizer op of its own.
+``build_backend`` returns a ``DDPBackend`` or ``DeepSpeedBackend`` with one interface (see
+``_Backend``): the micro-batch context, backward, the optimizer step (applied or skipped),
+the full fp32 parameters for the target and EMAs, and the backend's checkpoint entries. The
+loop keeps two names: ``net``, the plain preconditioned module (averages, checkpoints,
+export), and ``backend.wrapped``, what the forward pass goes through: ``wrap_ddp(net, info)``
+(DDP, or ``net`` itself in a single process) or ``wrap_deepspeed(net, opt, cfg, info, micro,
+accum)`` (``train.backend=deepspeed``). Both wrap the same module object; the optimizer is
+ours (``build_optimizer``), handed to DeepSpeed with ``zero_allow_untested_optimizer`` so
+DeepSpeed builds no optimizer op of its own.
 
 What each ZeRO stage shards here (W data-parallel ranks)
 ---------------------------------------------------------
@@ -35,9 +38,11 @@ any work. The fp16 path needs a GPU and is not exercised by the tests on our CPU
 
 Non-finite steps: DeepSpeed itself skips an optimizer step whose global gradient norm is inf
 or NaN, at every stage and precision (the norm is all-reduced, so every rank agrees), zeroes
-the gradients and reports it through ``engine.was_step_applied()``. The loop multiplies each
-micro-batch loss by 1 (or NaN if the loss is not finite) so a non-finite loss always reaches
-that check; a skipped step updates neither the target nor the EMAs.
+the gradients and reports it through ``engine.was_step_applied()``. The DDP backend skips on
+the same condition (gradients are identical on all ranks after the all-reduce). Both backends
+multiply each micro-batch loss by 1 (or NaN if the loss is not finite) before the backward, so
+a non-finite loss always reaches that check; a skipped step updates neither the target nor
+the EMAs.
 
 Target network and evaluation EMAs
 ----------------------------------
@@ -91,8 +96,8 @@ size, with another ZeRO stage, or with the other backend is therefore a clear er
 (Data streams, noise and evaluation EMAs would be world-size independent; only DeepSpeed's
 optimizer files are not.)
 
-Only this module, ``dist``, checkpointing and metrics touch ``torch.distributed`` (STYLE.md,
-principle 6); DeepSpeed is imported only when the deepspeed backend is used.
+Only this module, ``dist``, checkpointing and metrics touch ``torch.distributed``; DeepSpeed is
+imported only when the deepspeed backend is used.
 """
 
 from __future__ import annotations
@@ -107,11 +112,15 @@ import torch
 from torch import nn
 
 from . import dist
-from .checkpoint import shard_range
+from .checkpoint import ModelOptimizer
+from .ema import frozen_copy, update_average
 
 __all__ = [
+    "DDPBackend",
+    "DeepSpeedBackend",
     "DeepSpeedFiles",
     "ModuleWeights",
+    "build_backend",
     "check_resume",
     "deepspeed_config",
     "full_parameters",
@@ -352,3 +361,183 @@ def check_resume(cfg, meta: dict, world: int) -> None:
             f"that wrote them (other sizes need DeepSpeed's universal checkpoint conversion, "
             f"deepspeed.checkpoint.ds_to_universal, which cmscale does not wire up). Resume "
             f"with {saved_world} ranks.")
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward pass's autocast for ``train.precision`` (none for fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _poisoned(loss: torch.Tensor) -> torch.Tensor:
+    # A step is skipped on a non-finite gradient norm: make a non-finite loss reach that
+    # check (x1 otherwise: exact, no host sync).
+    return loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
+
+
+class _Backend:
+    """What the loop asks of a backend; ``wrapped`` is what the forward goes through.
+
+    A step: ``set_lr``; per micro-batch ``with micro_batch(m, num):`` around both the forward
+    (under ``autocast()``) and ``backward(loss)`` (DDP decides at the forward whether the
+    backward all-reduces); then ``step()``, True when the update was applied (False:
+    non-finite gradients, nothing changed); gradients are cleared either way; then the target
+    and EMAs read ``full_parameters()``. ``blank_network()`` and ``online_network()`` give
+    whole plain networks for sampling. Checkpoints: ``state(loading)`` gives this backend's
+    DCP entries, ``files(path)`` the entries that write files of their own, ``meta()`` what
+    the commit marker records, ``restore(state, path)`` finishes a resume.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo):
+        self.opt, self.precision, self.device = opt, cfg.train.precision, info.device
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:  # DeepSpeed's ZeRO optimizers step these same groups
+            g["lr"] = lr
+
+    def autocast(self):
+        return autocast(self.precision, self.device)
+
+    def files(self, path) -> dict:
+        return {}
+
+    def meta(self) -> dict:
+        return {}
+
+
+class DDPBackend(_Backend):
+    """DDP (the plain module in one process); with fp16 a ``GradScaler`` whose dynamic loss
+    scale is halved, and the step skipped, on non-finite gradients."""
+
+    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo):
+        super().__init__(opt, cfg, info)
+        self.net, self.grad_clip = net, cfg.optim.grad_clip
+        self.scaler = (torch.amp.GradScaler(info.device.type,
+                                            init_scale=cfg.train.initial_loss_scale)
+                       if cfg.train.precision == "fp16" else None)
+        self.wrapped = wrap_ddp(net, info)
+
+    def micro_batch(self, m: int, num: int):
+        # gradients are all-reduced in the backward of the last micro-batch only
+        if m < num - 1 and self.wrapped is not self.net:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = _poisoned(loss)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> bool:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # Gradients are identical on all ranks after DDP's all-reduce, so every rank reaches
+        # the same verdict without another collective.
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+        elif self.scaler is not None:
+            self.scaler.update(self.scaler.get_scale() / 2)  # the reference halves and skips
+        self.opt.zero_grad(set_to_none=True)
+        return applied
+
+    def full_parameters(self):
+        return contextlib.nullcontext(self.net)
+
+    def blank_network(self) -> nn.Module:
+        """A plain network (no grads) to write whole weights into."""
+        return frozen_copy(self.net)
+
+    def online_network(self) -> nn.Module:
+        """The online network, whole, for sampling."""
+        return self.net
+
+    def state(self, loading: bool = False) -> dict:
+        s: dict[str, Any] = {"model": ModelOptimizer(self.net, self.opt)}
+        if self.scaler is not None:
+            s["scaler"] = {"scale": torch.tensor(float(self.scaler.get_scale()))}
+        return s
+
+    def restore(self, state: dict, path) -> None:
+        if self.scaler is not None:
+            # Not scaler.update(scale): before its first scale() the GradScaler has no scale
+            # tensor to update. Only the scale is saved; the growth count starts again.
+            resumed = self.scaler.state_dict()
+            resumed["scale"] = float(state["scaler"]["scale"])
+            self.scaler.load_state_dict(resumed)
+
+
+class DeepSpeedBackend(_Backend):
+    """A DeepSpeed ZeRO engine: it scales fp16 losses, reduces, clips and skips non-finite
+    steps itself; the target and EMAs read the full fp32 weights of ``full_parameters``.
+
+    ``build_net``: a fresh plain network, for whole copies of the weights (not a copy of the
+    engine's module: its storage and hooks belong to the engine)."""
+
+    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
+                 micro: int, accum: int, build_net):
+        super().__init__(opt, cfg, info)
+        self.engine = wrap_deepspeed(net, opt, cfg, info, micro, accum)
+        self.wrapped, self.build_net = self.engine, build_net
+        self.zero_stage = cfg.train.zero_stage
+
+    def micro_batch(self, m: int, num: int):
+        # DeepSpeed's no_sync: reduce (and step) only after the last micro-batch
+        self.engine.set_gradient_accumulation_boundary(m == num - 1)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(_poisoned(loss), scale_wrt_gas=False)  # already / accumulation
+
+    def step(self) -> bool:
+        self.engine.step()  # clipping, non-finite check, zeroing the gradients
+        # DeepSpeed all-reduces the gradient norm it skips on: every rank has the same verdict.
+        return self.engine.was_step_applied()
+
+    def full_parameters(self):
+        return full_parameters(self.engine)
+
+    def blank_network(self) -> nn.Module:
+        return self.build_net().to(self.device).requires_grad_(False)
+
+    def online_network(self) -> nn.Module:
+        net = self.blank_network()
+        with full_parameters(self.engine) as full:
+            update_average(net, full, 0.0)  # rate 0: a copy
+        return net
+
+    def state(self, loading: bool = False) -> dict:
+        # DeepSpeed's optimizer state is partitioned in its own layout: its own files hold it
+        # (DeepSpeedFiles) and restore the module; DCP holds the module weights for readers.
+        return {} if loading else {"model": ModuleWeights(self.engine)}
+
+    def files(self, path) -> dict:
+        return {"deepspeed": DeepSpeedFiles(self.engine, path)}
+
+    def meta(self) -> dict:
+        return {"zero_stage": self.zero_stage}
+
+    def restore(self, state: dict, path) -> None:
+        load_deepspeed(self.engine, path)
+
+
+def build_backend(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
+                  micro: int, accum: int, build_net):
+    """The backend of ``train.backend`` around the plain module ``net`` and optimizer ``opt``."""
+    if cfg.train.backend == "deepspeed":
+        return DeepSpeedBackend(net, opt, cfg, info, micro, accum, build_net)
+    return DDPBackend(net, opt, cfg, info)

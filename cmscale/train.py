@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
     run_dir = args.run_dir or os.path.join("runs", name)
     if args.dry_run:
-        from .training_loop import build_net
+        from .methods import build_net
 
         net = build_net(cfg)
         print(dump_config(cfg), end="")

@@ -21,22 +21,21 @@ EMA update; with fp16 the loss scale is lowered as the reference does); after
 
 Sharding of the averages: every evaluation EMA is sharded over data-parallel ranks
 (:class:`cmscale.ema.ShardedAverage`, 1/W each), gathered only for sampling and export. The
-CD/CT target network is sharded the same way (:class:`cmscale.ema.ShardedTarget`); its forward
-needs it whole, so it is all-gathered once per step and dropped after the update: between
-steps a rank holds 1/W of it, and checkpoints hold the shards.
+EMA target network (CD, CT) is sharded the same way (:class:`cmscale.ema.ShardedTarget`); its
+forward needs it whole, so it is all-gathered once per step and dropped after the update:
+between steps a rank holds 1/W of it, and checkpoints hold the shards.
 
-Backends (``train.backend``, wrapping in :mod:`cmscale.parallel`): ``ddp`` (DDP, or the plain
-module in one process) or ``deepspeed`` with ZeRO stage 1/2/3. ``self.net`` is always the plain
-module; ``self.wrapped`` is what the forward pass goes through. With DeepSpeed, micro-batches
-go through ``engine.backward`` and one ``engine.step()`` follows the last of them; DeepSpeed
-clips gradients and skips non-finite steps itself, and the target and EMAs are updated from
-the full fp32 weights ``parallel.full_parameters`` provides (gathered under ZeRO-3). What each
-stage shards, the checkpoint layout per backend and world-size changes: see that module.
+Methods (:mod:`cmscale.methods`, chosen by the config) and backends (``train.backend``,
+:mod:`cmscale.parallel`) are objects the loop calls without asking which one it has: the
+method gives the schedule (N, mu) and the per-example loss, the backend the backward pass,
+the optimizer step (applied or skipped) and the full fp32 weights the target and EMAs read.
+``self.net`` is always the plain module; ``self.backend.wrapped`` is what the forward pass goes
+through (DDP, the plain module, or a DeepSpeed ZeRO engine). What each ZeRO stage shards, the
+checkpoint layout per backend and world-size changes: see :mod:`cmscale.parallel`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -45,15 +44,14 @@ import time
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, dist, losses, parallel, schedules
+from . import checkpoint, dist, parallel
 from .config import Config, dump_config
-from .ema import ShardedAverage, ShardedTarget, ema_name, frozen_copy, update_average
-from .networks import ConsistencyPrecond, EDMPrecond, create_unet
 from .data.shards import write_json_atomic
+from .ema import ShardedAverage, ShardedTarget, ema_name
 from .imageio import make_grid, save_png
-from .weights import load_state_dict
+from .methods import Method, build_method, build_net
+from .sampling import PerImageNoise
 
 EXIT_NONFINITE = 65
 BEST_FILE = "best.json"  # the checkpoint with the lowest periodic FID (see Trainer.evaluate)
@@ -78,88 +76,6 @@ def step_seed(seed: int, step: int, offset: int) -> int:
 
 
 # ----------------------------------------------------------------------------- building
-
-
-def build_net(cfg: Config) -> torch.nn.Module:
-    """The plain preconditioned network (consistency function, or EDM denoiser for ``edm``)."""
-    raw = create_unet(cfg.net.preset, **cfg.net.overrides)
-    wrap = EDMPrecond if cfg.loss.mode == "edm" else ConsistencyPrecond
-    return wrap(raw, sigma_data=cfg.net.sigma_data, sigma_min=cfg.net.sigma_min,
-                sigma_max=cfg.net.sigma_max)
-
-
-def build_teacher(cfg: Config, device) -> torch.nn.Module:
-    """The CD teacher: an EDM denoiser from a weights file (ours, or a reference edm_*.pt)."""
-    preset = cfg.loss.teacher_preset or cfg.net.preset
-    raw = create_unet(preset, **{**cfg.net.overrides, "dropout": cfg.loss.teacher_dropout})
-    state = load_state_dict(cfg.loss.teacher)
-    try:
-        raw.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
-        first = str(e).strip().splitlines()[:3]
-        raise ValueError(f"teacher {cfg.loss.teacher} does not fit preset {preset!r} "
-                         f"(loss.teacher_preset): {' '.join(first)}") from None
-    teacher = EDMPrecond(raw, sigma_data=cfg.net.sigma_data, sigma_min=cfg.net.sigma_min,
-                         sigma_max=cfg.net.sigma_max)
-    return teacher.to(device).eval().requires_grad_(False)
-
-
-def init_from_teacher(net: torch.nn.Module, cfg: Config) -> None:
-    """Copy the CD teacher's weights into the student (``loss.init_from_teacher``): the
-    reference's CD starts from the teacher. A fresh run only; a resume loads its checkpoint."""
-    state = load_state_dict(cfg.loss.teacher)
-    try:
-        net.model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[:3]
-        raise ValueError(f"loss.init_from_teacher: teacher {cfg.loss.teacher} does not fit the "
-                         f"student preset {cfg.net.preset!r}: {' '.join(first)}") from None
-
-
-def build_loss(cfg: Config, device):
-    lc, nc = cfg.loss, cfg.net
-    grid = dict(sigma_min=nc.sigma_min, sigma_max=nc.sigma_max, rho=nc.rho)
-    if lc.mode == "edm":
-        return losses.EDMLoss(sigma_data=nc.sigma_data)
-    metric = (losses.LPIPS(weights=lc.lpips_weights or None, device=device)
-              if lc.metric == "lpips" else losses.make_metric(lc.metric))
-    if lc.mode == "ct":
-        return losses.CTLoss(metric, **grid)
-    if lc.mode == "ict":
-        return losses.ICTLoss(metric, p_mean=lc.p_mean, p_std=lc.p_std, **grid)
-    return losses.CDLoss(build_teacher(cfg, device), solver=lc.solver, metric=metric, **grid)
-
-
-def schedule(cfg: Config, step: int) -> tuple[int | None, float | None]:
-    """(N, target mu) at ``step`` for the configured mode."""
-    lc, K = cfg.loss, cfg.train.total_steps
-    if lc.mode == "ct":
-        return schedules.ct_schedule(step, K, lc.start_scales, lc.end_scales, lc.start_ema)
-    if lc.mode == "cd":
-        return schedules.cd_schedule(step, lc.num_scales, lc.target_ema)
-    if lc.mode == "ict":
-        return schedules.ict_schedule(step, K, lc.ict_s0, lc.ict_s1)
-    return None, None
-
-
-def target_horizon_warning(cfg: Config) -> str | None:
-    """A warning when the target network still averages over a large part of the run at its
-    end (its EMA horizon 1 / (1 - mu) above a tenth of train.total_steps), else None.
-
-    CT's target EMA rate depends on N, not on the run length: the reference LSUN/ImageNet
-    curriculum (start_ema 0.95, s1 150) ends at mu = 0.9993, a horizon of about 1460 steps, which
-    is nothing over 800k steps but made a 3000-step run collapse in our quality benchmark.
-    """
-    K = cfg.train.total_steps
-    _, mu = schedule(cfg, K - 1)
-    if not mu or mu <= 0:
-        return None
-    horizon = 1.0 / (1.0 - mu)
-    if horizon <= K / 10:
-        return None
-    return (f"warning: the target EMA ends at mu={mu:.5f}, an average over about {horizon:.0f} steps, "
-            f"more than a tenth of train.total_steps={K}: the target lags the network for much of a run "
-            f"this short (for CT, lower loss.start_ema or loss.end_scales, or train longer)")
 
 
 def build_optimizer(cfg: Config, params):
@@ -285,30 +201,18 @@ class Logger:
 
 
 @torch.no_grad()
-def sample_grid(net, cfg: Config, device, n: int | None = None) -> torch.Tensor:
-    """One-step and multistep (``sample.ts``/``steps``) samples side by side, uint8 CHW."""
-    from .sampling import PerImageNoise, sample_onestep, sample_ts
-
+def sample_grid(net, method: Method, cfg: Config, device, n: int | None = None) -> torch.Tensor:
+    """The method's preview panels (one step, and multistep) side by side, uint8 CHW."""
     n = n or cfg.sample.num_grid
     res = cfg.data.resolution
     net_labels = None
     num_classes = getattr(getattr(net, "model", None), "num_classes", None)
     if num_classes:
         net_labels = torch.arange(n, device=device) % num_classes
-    grid_kw = dict(sigma_min=cfg.net.sigma_min, sigma_max=cfg.net.sigma_max)
     was_training = net.training
     net.eval()
-    if cfg.loss.mode == "edm":
-        from .solvers import edm_sample
-
-        z = PerImageNoise(cfg.sample.seed, range(n), (3, res, res), device=device).next()
-        panels = [edm_sample(net, z, 1, net_labels, **grid_kw),
-                  edm_sample(net, z, 18, net_labels, **grid_kw)]
-    else:
-        noise = lambda: PerImageNoise(cfg.sample.seed, range(n), (3, res, res), device=device)
-        panels = [sample_onestep(net, noise(), net_labels, **grid_kw),
-                  sample_ts(net, noise(), cfg.sample.ts, cfg.sample.steps, net_labels,
-                            rho=cfg.net.rho, **grid_kw)]
+    noise = lambda: PerImageNoise(cfg.sample.seed, range(n), (3, res, res), device=device)
+    panels = method.preview(net, noise, net_labels)
     net.train(was_training)
     return torch.cat([make_grid(p) for p in panels], dim=2)
 
@@ -330,20 +234,20 @@ class Trainer:
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.net = build_net(cfg).to(self.device).train()
-        if cfg.loss.mode == "cd" and cfg.loss.init_from_teacher:
-            init_from_teacher(self.net, cfg)  # before the target and EMAs copy the weights
+        self.method = build_method(cfg, self.device)
+        self.method.prepare(self.net)  # before the target and EMAs copy the weights
         self.opt = build_optimizer(cfg, self.net.parameters())
-        mode = cfg.loss.mode
-        # CD/CT: an EMA target network; iCT: the online net itself under no_grad; EDM: none.
-        # Sharded over the ranks like the EMAs, gathered whole only during a step.
+        # An EMA target network when the method needs one, sharded over the ranks like the
+        # EMAs and gathered whole only during a step; otherwise the loss takes its target
+        # from the online network itself (under no_grad).
         self.target = (ShardedTarget(self.net, self.info.rank, self.info.world_size)
-                       if mode in ("cd", "ct") else None)
+                       if self.method.needs_target else None)
+        self.loss_target = self.target if self.target is not None else self.net
         # Built from the plain module before it is wrapped: DeepSpeed moves (ZeRO-1/2) or
         # partitions (ZeRO-3) the parameter storage.
         self.emas = {ema_name(r): ShardedAverage(self.net, float(r), self.info.rank,
                                                  self.info.world_size)
                      for r in cfg.ema.rates}
-        self.loss_fn = build_loss(cfg, self.device)
         # Periodic FID: extractor and reference statistics now, so that missing weights or
         # statistics are an error before training starts (collective).
         self.evaluator = None
@@ -352,18 +256,8 @@ class Trainer:
 
             self.evaluator = PeriodicEval(cfg, self.device)
         self.saved_step = -1  # the step of the newest checkpoint this process wrote
-        self.scaler = None
-        self.engine = None  # the DeepSpeed engine (train.backend=deepspeed)
-        if tc.backend == "deepspeed":
-            # DeepSpeed scales fp16 losses itself
-            self.engine = parallel.wrap_deepspeed(self.net, self.opt, cfg, self.info, self.micro,
-                                                  self.accum)
-            self.wrapped = self.engine
-        else:
-            if tc.precision == "fp16":
-                self.scaler = torch.amp.GradScaler(self.device.type,
-                                                   init_scale=tc.initial_loss_scale)
-            self.wrapped = parallel.wrap_ddp(self.net, self.info)
+        self.backend = parallel.build_backend(self.net, self.opt, cfg, self.info, self.micro,
+                                              self.accum, lambda: build_net(cfg))
         self.step = 0
         self.nonfinite = 0  # consecutive skipped steps
         # Reader positions of every stream's workers (replicated in the checkpoint), and the
@@ -375,21 +269,17 @@ class Trainer:
         self.saved_layout = None
 
     # -- checkpoint state ------------------------------------------------------------------
-    def state(self) -> dict:
-        s = {
-            # DeepSpeed's optimizer state is partitioned in its own layout: its own files hold
-            # it (parallel.DeepSpeedFiles), DCP the module weights.
-            "model": (checkpoint.ModelOptimizer(self.net, self.opt) if self.engine is None
-                      else parallel.ModuleWeights(self.engine)),
+    def state(self, loading: bool = False) -> dict:
+        """The checkpoint entries (``loading``: those a resume reads back from DCP)."""
+        s = self.backend.state(loading)  # model (+ optimizer) and scaler, as it keeps them
+        s.update({
             "ema": {name: checkpoint.FlatShard(e.local, e.numel) for name, e in self.emas.items()},
             "train": {"step": self.step, "nonfinite": self.nonfinite},
             # a plain list (not a tensor): its shape changes with the layout
             "data": {"positions": self.data_positions.tolist(), "layout": self.data_layout},
-        }
+        })
         if self.target is not None:
             s["target"] = checkpoint.FlatShard(self.target.local, self.target.numel)
-        if self.scaler is not None:
-            s["scaler"] = {"scale": torch.tensor(float(self.scaler.get_scale()))}
         return s
 
     def save(self, reason: str):
@@ -400,14 +290,13 @@ class Trainer:
             for i, loader in enumerate(self.loaders):
                 mine[first + i] = torch.tensor(loader.state_dict()["positions"])
             self.data_positions.copy_(dist.all_reduce_sum(mine))
-        state = self.state()
+        # Entries with files of their own write them into this checkpoint's directory
+        # before the commit marker.
+        state = {**self.state(),
+                 **self.backend.files(checkpoint.checkpoint_path(self.run_dir, nimg))}
         meta = {"nimg": nimg, "step": self.step, "reason": reason,
-                "backend": self.cfg.train.backend, "target_layout": "flat"}
-        if self.engine is not None:
-            meta["zero_stage"] = self.cfg.train.zero_stage
-            # Written by DeepSpeed into this checkpoint's directory before the commit marker.
-            state["deepspeed"] = parallel.DeepSpeedFiles(
-                self.engine, checkpoint.checkpoint_path(self.run_dir, nimg))
+                "backend": self.cfg.train.backend, "target_layout": "flat",
+                **self.backend.meta()}
         path = checkpoint.save(self.run_dir, state, meta)
         self.saved_step = self.step
         if dist.is_main():
@@ -429,9 +318,7 @@ class Trainer:
             parallel.check_resume(self.cfg, latest, self.info.world_size)
 
     def resume(self) -> dict | None:
-        state = self.state()
-        if self.engine is not None:
-            del state["model"]  # DeepSpeed's own files restore the module, below
+        state = self.state(loading=True)
         old_target = None
         if (self.target is not None and self.latest_meta is not None
                 and self.latest_meta.get("target_layout") != "flat"):
@@ -440,9 +327,7 @@ class Trainer:
         meta = checkpoint.load_latest(self.run_dir, state)
         if meta is None:
             return None
-        if self.engine is not None:
-            parallel.load_deepspeed(self.engine,
-                                    checkpoint.checkpoint_path(self.run_dir, meta["nimg"]))
+        self.backend.restore(state, checkpoint.checkpoint_path(self.run_dir, meta["nimg"]))
         if old_target is not None:
             self.target.update(0.0, list(old_target.parameters()))  # rate 0: copy its shard
         self.saved_layout = list(state["data"]["layout"])
@@ -450,92 +335,38 @@ class Trainer:
             self.data_positions = torch.tensor(state["data"]["positions"], dtype=torch.int64)
         self.step = int(state["train"]["step"])
         self.nonfinite = int(state["train"]["nonfinite"])
-        if self.scaler is not None:
-            self.scaler.update(float(state["scaler"]["scale"]))
         self.resumed_world = int(meta.get("world_size", self.info.world_size))
         return meta
 
     # -- one optimizer step ----------------------------------------------------------------
     def train_step(self, batches) -> tuple[float, bool]:
-        cfg, tc = self.cfg, self.cfg.train
-        N, mu = schedule(cfg, self.step)
-        lr = learning_rate(cfg, self.step)
-        for g in self.opt.param_groups:  # DeepSpeed's ZeRO optimizers step these same groups
-            g["lr"] = lr
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                    if tc.precision == "bf16" else
-                    torch.autocast(self.device.type, dtype=torch.float16)
-                    if tc.precision == "fp16" else contextlib.nullcontext())
-        target = self.target if self.target is not None else self.net
+        """One optimizer step on this rank's micro-batches: (mean loss over all ranks, applied).
+
+        A skipped step (non-finite loss or gradients, on every rank alike) changes no weights."""
+        N, mu = self.method.schedule(self.step)
+        self.backend.set_lr(learning_rate(self.cfg, self.step))
         total = torch.zeros((), device=self.device)
         for m, (images, labels) in enumerate(batches):
             offset = self.info.rank * self.per_rank + m * self.micro
-            torch.manual_seed(step_seed(tc.seed, self.step, offset))
-            sync = m == len(batches) - 1
-            ctx = (self.wrapped.no_sync() if (not sync and isinstance(self.wrapped, DDP))
-                   else contextlib.nullcontext())
-            if self.engine is not None:
-                # DeepSpeed's no_sync: reduce (and step) only after the last micro-batch
-                self.engine.set_gradient_accumulation_boundary(sync)
-            with ctx:
-                with autocast:
-                    loss = self.loss_fn(self.wrapped, images, num_scales=N, class_labels=labels,
-                                        target=target).mean() / len(batches)
-                if self.step in cfg.train.inject_nan_at and m == 0:
-                    loss = loss * float("nan")  # fault injection for tests (train.inject_nan_at)
-                if self.engine is not None:
-                    # DeepSpeed skips a step only for a non-finite gradient norm: make a
-                    # non-finite loss reach that check (x1 otherwise: exact, no host sync).
-                    loss = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
-                    self.engine.backward(loss, scale_wrt_gas=False)  # already / accumulation
-                else:
-                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            torch.manual_seed(step_seed(self.cfg.train.seed, self.step, offset))
+            with self.backend.micro_batch(m, len(batches)):
+                with self.backend.autocast():
+                    loss = self.method.loss(self.backend.wrapped, self.loss_target, images,
+                                            labels, N).mean() / len(batches)
+                self.backend.backward(loss)
             total += loss.detach()
         mean_loss = dist.all_reduce_mean(total)
-        if self.engine is not None:
-            return float(mean_loss), self._deepspeed_step(mu)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
-        params = [p for p in self.net.parameters() if p.grad is not None]
-        if cfg.optim.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # Gradients are identical on all ranks after DDP's all-reduce and the loss is
-        # all-reduced, so every rank reaches the same verdict without another collective.
-        finite = bool(torch.isfinite(mean_loss)) and bool(torch.isfinite(norm))
-        if finite:
-            if self.scaler is not None:
-                self.scaler.step(self.opt)
-                self.scaler.update()
-            else:
-                self.opt.step()
-            if self.target is not None:
-                self.target.update(mu)
-            for e in self.emas.values():
-                e.update()
-        elif self.scaler is not None:
-            self.scaler.update(self.scaler.get_scale() / 2)  # the reference halves and skips
-        self.opt.zero_grad(set_to_none=True)
+        applied = self.backend.step()
         if self.target is not None:
             self.target.release()  # between steps a rank holds only its shard
-        return float(mean_loss), finite
-
-    def _deepspeed_step(self, mu: float | None) -> bool:
-        """DeepSpeed's step (clipping, non-finite check, zeroing grads), then target and EMAs."""
-        self.engine.step()
-        # DeepSpeed all-reduces the gradient norm it skips on: every rank has the same verdict.
-        if self.target is not None:
-            self.target.release()
-        if not self.engine.was_step_applied():
-            return False
-        with parallel.full_parameters(self.engine) as full:
-            params = list(full.parameters())
-            if self.target is not None:
-                self.target.update(mu, params)
-            for e in self.emas.values():
-                e.update(params)
-        return True
+        if applied:
+            with self.backend.full_parameters() as full:
+                params = list(full.parameters())
+                if self.target is not None:
+                    self.target.update(mu, params)
+                for e in self.emas.values():
+                    e.update(params)
+        return float(mean_loss), applied
 
     def run(self) -> int:
         cfg, tc = self.cfg, self.cfg.train
@@ -549,7 +380,7 @@ class Trainer:
             # Decided from the checkpoint's metadata alone: nothing is loaded or built.
             dist.print0(f"run already finished ({done['step']} steps); nothing to do")
             return 0
-        warning = target_horizon_warning(cfg)
+        warning = self.method.target_horizon_warning()
         if warning:
             dist.print0(warning)
         meta = self.resume()
@@ -608,15 +439,16 @@ class Trainer:
             self.step += 1
             nimg = self.step * gb
             losses_since.append(loss)
-            N, mu = schedule(cfg, self.step - 1)
-            log.step({"loss": f"{loss:.3e}", "N": N, "mu": f"{mu:.5f}" if mu is not None else "-",
+            logs = self.method.logs(self.step - 1)
+            log.step({"loss": f"{loss:.3e}",
+                      **{k: f"{v:.5f}" if isinstance(v, float) else v for k, v in logs.items()},
                       "lr": f"{learning_rate(cfg, self.step - 1):.1e}"})
             if self.step % cfg.log.every_steps == 0 or self.step == tc.total_steps:
                 dt = time.time() - t_last
                 finite_losses = [x for x in losses_since if math.isfinite(x)]
                 rec = {"step": self.step, "nimg": nimg,
                        "loss": float(np.mean(finite_losses)) if finite_losses else float("nan"),
-                       "N": N, "mu": mu, "lr": learning_rate(cfg, self.step - 1),
+                       **logs, "lr": learning_rate(cfg, self.step - 1),
                        "img_per_s": (self.step - n_last) * gb / max(dt, 1e-9)}
                 bad: dict = {}
                 for loader in self.loaders:
@@ -680,12 +512,7 @@ class Trainer:
         if name == "target" and self.target is not None:
             return self.target.gather(self._blank_net())
         if name in ("online", "target"):  # without a separate target, it is the online net
-            if self.engine is None:
-                return self.net
-            net = self._blank_net()
-            with parallel.full_parameters(self.engine) as full:
-                update_average(net, full, 0.0)  # rate 0: a copy
-            return net
+            return self.backend.online_network()
         if name not in self.emas:
             raise ValueError(f"sample.ema={name!r}: choose 'online', 'target' or one of "
                              f"{list(self.emas)}")
@@ -693,15 +520,12 @@ class Trainer:
 
     def _blank_net(self) -> torch.nn.Module:
         """A plain network (no grads) to write whole weights into."""
-        if self.engine is None:
-            return frozen_copy(self.net)
-        # not a copy of the DeepSpeed-managed module: its storage and hooks belong to the engine
-        return build_net(self.cfg).to(self.device).requires_grad_(False)
+        return self.backend.blank_network()
 
     def write_samples(self, log: Logger):
         net = self.eval_net(self.cfg.sample.ema)
         if dist.is_main():
-            grid = sample_grid(net, self.cfg, self.device)
+            grid = sample_grid(net, self.method, self.cfg, self.device)
             nimg = self.step * self.cfg.train.global_batch
             path = os.path.join(self.run_dir, "samples", f"grid-{nimg:012d}.png")
             save_png(grid.permute(1, 2, 0).numpy(), path, min_side=512)

@@ -74,3 +74,23 @@ def test_overrides_reach_nested_fields():
     assert c.train.precision == "bf16"
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent.yaml")
+
+
+def test_every_loss_mode_is_a_method():
+    from cmscale.config import CHOICES
+    from cmscale.methods import METHODS
+
+    assert set(CHOICES["loss.mode"]) == set(METHODS)
+
+
+def test_run_configs_with_the_retired_fault_injection_key_still_load(tmp_path):
+    """Older versions wrote ``train.inject_nan_at: []`` into every run's config.yaml."""
+    import yaml
+
+    written = yaml.safe_load(dump_config(load_config(None, [])))
+    written["train"]["inject_nan_at"] = []
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(written))
+    assert load_config(str(path)) == load_config(None, [])
+    with pytest.raises(ConfigError, match="inject_nan_at"):
+        load_config(None, ["train.inject_nan_at=[1]"])

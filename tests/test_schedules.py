@@ -81,15 +81,18 @@ def test_ict_weights():
 
 def test_target_horizon_warning_for_short_ct_runs():
     from cmscale.config import load_config
-    from cmscale.training_loop import target_horizon_warning
+    from cmscale.methods import build_method
+
+    def target_horizon_warning(overrides):
+        return build_method(load_config(None, overrides), "cpu").target_horizon_warning()
 
     ref = ["loss.mode=ct", "loss.start_scales=2", "loss.end_scales=150", "loss.start_ema=0.95"]
-    short = load_config(None, ref + ["train.total_steps=3000"])
-    msg = target_horizon_warning(short)
+    msg = target_horizon_warning(ref + ["train.total_steps=3000"])
     assert msg and "mu=0.9993" in msg and "1463 steps" in msg and "total_steps=3000" in msg
-    assert target_horizon_warning(load_config(None, ref + ["train.total_steps=800000"])) is None
+    assert target_horizon_warning(ref + ["train.total_steps=800000"]) is None
     # the quality benchmark's short-run CT (s1 20, mu0 0.9): horizon ~95 steps of 3000
     ok = ["loss.mode=ct", "loss.start_scales=2", "loss.end_scales=20", "loss.start_ema=0.9",
           "train.total_steps=3000"]
-    assert target_horizon_warning(load_config(None, ok)) is None
-    assert target_horizon_warning(load_config(None, ["loss.mode=ict", "train.total_steps=100"])) is None
+    assert target_horizon_warning(ok) is None
+    assert target_horizon_warning(["loss.mode=ict", "train.total_steps=100"]) is None
+    assert target_horizon_warning(["loss.mode=edm", "train.total_steps=100"]) is None

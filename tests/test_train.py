@@ -37,14 +37,17 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def train(run_dir, cache, *extra, background=False, nproc=1):
+def train(run_dir, cache, *extra, background=False, nproc=1, nan_at=()):
+    """``nan_at``: steps whose loss is made NaN (tests/_nan_train.py)."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "cmscale.train", "--run-dir", str(run_dir), *TINY, *extra]
+        module = "tests._nan_train" if nan_at else "cmscale.train"
+        cmd = [sys.executable, "-m", module, "--run-dir", str(run_dir), *TINY, *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "cmscale.train", "--run-dir", str(run_dir),
                *TINY, *extra]
-    kw = dict(env=_env(cache), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    env = dict(_env(cache), CMSCALE_TEST_NAN_AT=",".join(map(str, nan_at)))
+    kw = dict(env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
               text=True)
     if background:
         return subprocess.Popen(cmd, **kw)
@@ -136,8 +139,7 @@ def test_partial_checkpoint_is_ignored(tmp_path, cache):
 
 def test_forced_nan_never_reaches_weights_or_checkpoints(tmp_path, cache):
     run = tmp_path / "run"
-    r = train(run, cache, "train.total_steps=4", "train.inject_nan_at=[1,2]",
-              "checkpoint.every_images=0")
+    r = train(run, cache, "train.total_steps=4", "checkpoint.every_images=0", nan_at=[1, 2])
     assert r.returncode == 0, r.stdout
     assert r.stdout.count("non-finite") >= 2
     nets, meta = final_state(run)
@@ -145,8 +147,8 @@ def test_forced_nan_never_reaches_weights_or_checkpoints(tmp_path, cache):
         assert all(torch.isfinite(v).all() for v in sd.values()), which
     # repeated non-finite steps stop the run with its exit code and no new checkpoint
     run2 = tmp_path / "run2"
-    r = train(run2, cache, "train.total_steps=6", "train.inject_nan_at=[0,1,2,3,4,5]",
-              "train.max_nonfinite_steps=3", "checkpoint.every_images=0")
+    r = train(run2, cache, "train.total_steps=6", "train.max_nonfinite_steps=3",
+              "checkpoint.every_images=0", nan_at=range(6))
     assert r.returncode == 65, r.stdout
     assert "consecutive non-finite" in r.stdout
     assert checkpoint.list_checkpoints(run2) == []
@@ -240,6 +242,24 @@ def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
     r = train(tmp_path / "fp16", cache, "train.precision=fp16", "train.total_steps=2",
               "checkpoint.every_images=0")
     assert r.returncode == 0, r.stdout
+
+
+def test_fp16_resume_is_bit_identical(tmp_path, cache):
+    """A resumed fp16 run restores the loss scale before the GradScaler's first step."""
+    import shutil
+
+    run = tmp_path / "run"
+    r = train(run, cache, "train.precision=fp16", "train.total_steps=4")
+    assert r.returncode == 0, r.stdout
+    want, _ = final_state(run)
+    shutil.rmtree(checkpoint.checkpoint_path(run, 32))  # back to the checkpoint of step 3
+    r = train(run, cache, "train.precision=fp16", "train.total_steps=4")
+    assert r.returncode == 0 and "resumed from 24 images" in r.stdout, r.stdout
+    got, meta = final_state(run)
+    assert meta["nimg"] == 32
+    for which in want:
+        for k in want[which]:
+            assert torch.equal(want[which][k], got[which][k]), (which, k)
 
 
 def test_resume_from_a_checkpoint_with_a_whole_target(tmp_path, cache, monkeypatch):

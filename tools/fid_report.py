@@ -149,7 +149,7 @@ def load_network(run_dir: str, ckpt: str, which: str, device):
     """(net, cfg, meta) of one checkpoint's network ``which``. Collective under a process group:
     each rank restores its shard of the EMA (as training does) and the average is all-gathered."""
     from cmscale.ema import ShardedAverage, ema_name, frozen_copy
-    from cmscale.training_loop import build_net
+    from cmscale.methods import build_net
 
     cfg = run_config(run_dir)
     net = build_net(cfg)

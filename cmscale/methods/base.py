@@ -1,0 +1,75 @@
+"""A training method: the networks it needs, its schedule and its per-example loss.
+
+``schedule(step)`` gives ``(N, mu)``: the number of grid points and the target EMA rate at
+that step (``(None, None)`` for a method without either). ``loss(net, target, images, labels,
+N)`` returns per-example losses of one micro-batch (no reduction, no distributed calls): ``net``
+is what the forward goes through, ``target`` the network the loss takes its target from (the
+EMA target when ``needs_target``, else the online network; EDM ignores it). After an applied
+step the trainer moves the EMA target: ``target <- mu * target + (1 - mu) * net``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import losses
+from ..config import Config
+from ..networks import ConsistencyPrecond
+from ..sampling import sample_onestep, sample_ts
+
+
+class Method:
+    precond: type[nn.Module] = ConsistencyPrecond  # what wraps the UNet: c_skip, c_out, c_in
+    needs_target = False  # an EMA target network (cmscale.ema.ShardedTarget) moved by mu(k)
+
+    def __init__(self, cfg: Config, loss_fn):
+        self.cfg, self.loss_fn = cfg, loss_fn
+
+    def schedule(self, step: int) -> tuple[int | None, float | None]:
+        return None, None
+
+    def loss(self, net, target, images, labels, num_scales):
+        return self.loss_fn(net, images, num_scales=num_scales, class_labels=labels,
+                            target=target)
+
+    def logs(self, step: int) -> dict:
+        """What the training log records for ``step`` besides loss and lr."""
+        N, mu = self.schedule(step)
+        return {"N": N, "mu": mu}
+
+    def prepare(self, net: nn.Module) -> None:
+        """Set up with the freshly built student, before its target and EMAs copy it and
+        before the first loss (the trainer calls it once)."""
+
+    def target_horizon_warning(self) -> str | None:
+        """A warning when the target still averages over a large part of the run at its end
+        (its EMA horizon 1 / (1 - mu) above a tenth of train.total_steps), else None."""
+        K = self.cfg.train.total_steps
+        _, mu = self.schedule(K - 1)
+        if not mu or mu <= 0:
+            return None
+        horizon = 1.0 / (1.0 - mu)
+        if horizon <= K / 10:
+            return None
+        return (f"warning: the target EMA ends at mu={mu:.5f}, an average over about "
+                f"{horizon:.0f} steps, more than a tenth of train.total_steps={K}: the target "
+                f"lags the network for much of a run this short (for CT, lower loss.start_ema "
+                f"or loss.end_scales, or train longer)")
+
+    def preview(self, net, noise, labels) -> list:
+        """Sample panels for the preview grid: one step, and ``sample.ts``/``steps``.
+
+        ``noise()`` gives a fresh per-image noise stream for each panel."""
+        cfg = self.cfg
+        grid = dict(sigma_min=cfg.net.sigma_min, sigma_max=cfg.net.sigma_max)
+        return [sample_onestep(net, noise(), labels, **grid),
+                sample_ts(net, noise(), cfg.sample.ts, cfg.sample.steps, labels,
+                          rho=cfg.net.rho, **grid)]
+
+
+def consistency_kwargs(cfg: Config, device) -> dict:
+    """The metric and the Karras grid shared by the CD, CT and iCT losses."""
+    lc, nc = cfg.loss, cfg.net
+    metric = (losses.LPIPS(weights=lc.lpips_weights or None, device=device)
+              if lc.metric == "lpips" else losses.make_metric(lc.metric))
+    return dict(metric=metric, sigma_min=nc.sigma_min, sigma_max=nc.sigma_max, rho=nc.rho)
