@@ -226,6 +226,7 @@ def test_submit_help():
 def test_submit_sweep_dry_run(tmp_path):
     out = subprocess.run(
         [sys.executable, str(LAUNCH / "submit.py"), "--recipe", "cifar10_ict", "--dry-run",
+         "--cluster", "slurm",  # planned as for SLURM whether or not sbatch is installed here
          "--run-dir", str(tmp_path / "sweep"), "--nodes", "2", "--gpus-per-node", "4",
          "--sweep", "optim.lr=1e-4,2e-4",
          "--sweep", "data.shards=/d/{000000..000009}.tar,/e/x.tar",
