@@ -267,3 +267,18 @@ def test_noise_label_scale_is_a_multiplier_on_the_time_input():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([-400.0, 300.0])
     with torch.no_grad():
         torch.testing.assert_close(net(x, t), ref(x, t * 0.25), atol=0, rtol=0)
+
+
+def test_additive_time_embedding_matches_reference():
+    # The branch lsun256 uses (no scale-shift, several channels per group), where the noise
+    # level must reach the output: the reference's outputs at two time inputs.
+    cfg = MANIFEST["additive"]
+    data = torch.load(FIXTURES / cfg["file"], map_location="cpu", weights_only=True)
+    net = create_unet(cfg["preset"], **cfg["overrides"]).eval()
+    net.load_state_dict({k: v.float() for k, v in data["state_dict"].items()}, strict=True)
+    with torch.no_grad():
+        out = net(data["x"], data["noise_labels"])
+        shifted = net(data["x"], data["noise_labels"] + 125.0)
+    torch.testing.assert_close(out, data["out_flash"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(shifted, data["out_flash_shifted"], atol=ATOL, rtol=0)
+    assert (data["out_flash"] - data["out_flash_shifted"]).abs().max() > 1e-3
