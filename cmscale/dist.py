@@ -68,6 +68,8 @@ __all__ = [
     "STOP_SIGNALS",
     "DistInfo",
     "LaunchEnv",
+    "all_gather",
+    "all_gather_flat",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
@@ -88,6 +90,7 @@ __all__ = [
     "should_stop",
     "shutdown",
     "stop_requested",
+    "sum_counts",
     "worker_ignore_signals",
 ]
 
@@ -504,6 +507,16 @@ def sum_counts(counts: dict) -> dict:
         for k, v in c.items():
             total[k] = total.get(k, 0) + v
     return dict(sorted(total.items()))
+
+
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (the same shape on all ranks), in rank order, on its device."""
+    if not is_initialized() or get_world_size() == 1:
+        return [tensor]
+    moved = tensor.to(_comm_device(tensor.device))
+    parts = [torch.empty_like(moved) for _ in range(get_world_size())]
+    tdist.all_gather(parts, moved)
+    return [p.to(tensor.device) for p in parts]
 
 
 def all_gather_flat(tensor: torch.Tensor) -> torch.Tensor:

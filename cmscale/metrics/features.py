@@ -53,6 +53,9 @@ import torch.nn as nn
 import torch.fx
 import torch.nn.functional as F
 
+from ..atomic import atomic_path
+from ..imageio import to_uint8
+
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 
@@ -64,29 +67,6 @@ def default_cache_dir() -> str:
 
 # ----------------------------------------------------------------------------
 # Input conventions
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W): uint8 input as is; float input in [-1, 1] -> round((x + 1) * 127.5).
-
-    (B, 1, H, W) is replicated to 3 channels. Float input far outside [-1, 1] (e.g. [0, 255]
-    floats) is an error rather than silently saturated: pass uint8 for [0, 255] data.
-    """
-    if not isinstance(images, torch.Tensor):
-        images = torch.as_tensor(np.asarray(images))
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    if images.shape[1] != 3:
-        raise ValueError(f"images must have 1 or 3 channels (NCHW), got shape {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise ValueError(f"images must be uint8 [0, 255] or float [-1, 1], got {images.dtype}")
-    if images.numel() and float(images.detach().abs().max()) > 2.0:
-        raise ValueError("float images must be in [-1, 1] (generated samples); pass uint8 for [0, 255] data")
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------
@@ -634,10 +614,9 @@ def load_digits_net(cache_dir: str | None = None, retrain: bool = False) -> tupl
     else:
         net, info = train_digits_net()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp,
-                  metadata={k: str(v) for k, v in info.items()})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp,
+                      metadata={k: str(v) for k, v in info.items()})
     info["path"] = path
     return net.eval(), info
 
