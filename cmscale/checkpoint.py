@@ -1,61 +1,11 @@
 """Sharded checkpoints that resume: save, load_latest, keep_last.
 
-On disk (progress is counted in images seen, STYLE.md)::
-
-    RUN_DIR/checkpoints/nimg-000000012800/
-        __0_0.distcp  __1_0.distcp ...   tensor data, one file per rank (DCP)
-        .metadata                         DCP's index of keys, shapes and chunks
-        commit.json                       our marker: written last, see below
-
-A checkpoint *counts* only once ``commit.json`` exists. ``save`` writes it on rank
-0 after every rank's data is written and fsync'ed (a barrier), via a temporary file
-and ``os.replace``, so a job killed at any moment leaves either a complete
-checkpoint or a directory without marker, which ``load_latest`` skips with a warning
-and ``keep_last`` deletes once a newer complete checkpoint exists. The marker holds
-JSON: the caller's ``meta`` (``nimg`` required, e.g. ``step``) plus ``world_size``,
-``time`` (UTC, ISO 8601), ``unix_time``, ``torch_version`` and ``format``.
-
-What goes into ``state`` (a dict, possibly nested; the same keys on every rank):
-
-- objects with ``state_dict()``/``load_state_dict()`` (``torch.distributed
-  .checkpoint.stateful.Stateful``), e.g. ``nn.Module``; they are restored by
-  calling ``load_state_dict``. For a model with its optimizer use
-  ``ModelOptimizer(net, opt)``: it goes through DCP's ``get_state_dict``/
-  ``set_state_dict``, which key the optimizer state by parameter name, strip
-  DDP's ``module.`` prefix and create Adam's lazy state before loading into it;
-- tensors: restored in place (``copy_`` into the given tensor). A plain tensor is
-  treated as *replicated*: rank 0's copy is saved and every rank loads it;
-- Python values (numbers, strings, lists, None): replaced in their dict by the
-  saved value;
-- ``FlatShard(local, numel)``: this rank's slice of a 1-D tensor of ``numel``
-  elements, partitioned by ``shard_range`` (the sharded EMAs). Restored in place,
-  resharded when the world size changed;
-- ``PerRank(tensor)``: a value each rank has its own copy of (RNG states); see
-  ``RNGState``. Restored in place only at the saved world size, else left alone.
-
-How resharding works: a ``FlatShard`` is saved as a ``DTensor`` with placement
-``Shard(0)`` on a 1-D ``DeviceMesh`` over all ranks, whose global shape is
-``(numel,)``. DCP records each rank's chunk as (offset, length) of that global
-tensor. On load, each rank asks for the range ``shard_range(numel, rank, world)``
-of the *current* world, and DCP reads the overlapping parts of whichever saved
-chunks cover it. Without a process group (a single process) the target is a plain
-tensor of the full length, i.e. the one chunk (0, numel); so 2 -> 1, 1 -> 2 and
-W -> W' all work. ``shard_range`` is exactly DTensor's ``Shard(0)`` split
-(``torch.chunk``: ceil(numel / W) per rank, the last ranks shorter or empty).
-
-Safety: nothing here unpickles code. DCP stores non-tensor values with
-``torch.save``; we load them with ``weights_only=True`` (DCP's own planner uses
-``weights_only=False``), and DCP's ``.metadata`` index, a plain pickle, is read by
-an unpickler that accepts only DCP's metadata classes, ``torch.Size`` and dtypes.
-
-DCP quirks handled here: without a process group ``dcp.save``/``dcp.load`` work
-as a single process but warn each call (silenced, we pass ``no_dist`` ourselves);
-``DeviceMesh`` needs a process group, so a world-size-1 run without one saves plain
-tensors (the same on-disk layout as a DTensor on one rank). DCP reports failures
-as ``CheckpointException``, a ``BaseException`` that ``except Exception`` misses;
-``save``/``load`` re-raise it as ``RuntimeError`` (all ranks raise, none hangs).
-Plain tensors are deduplicated across ranks and their writing spread over ranks,
-so every rank's file is needed even for replicated state.
+``save(run_dir, state, meta)`` writes ``RUN_DIR/checkpoints/nimg-{nimg:012d}/`` with
+torch.distributed.checkpoint (one ``.distcp`` file per rank, ``.metadata``) and then the commit
+marker ``commit.json``; a checkpoint counts only once the marker exists. ``load_latest``
+restores the newest complete one in place (tensors, ``Stateful`` objects, ``ModelOptimizer``,
+Python values, and ``FlatShard`` slices, resharded at another world size); ``keep_last`` prunes.
+Nothing is unpickled as code. Layout, commit protocol and resharding: docs/checkpoints.md.
 """
 from __future__ import annotations
 

@@ -12,11 +12,11 @@ last batch of 1 image, so features can differ by about 1e-7 relative between wor
 KID and precision/recall need features, not moments: every rank keeps a bounded sample of its
 features (`max_kept`, default 10,000 in all), chosen by a hash of the global image index (the
 `max_kept` smallest hashes), so the kept set is the same for any world size; `all_reduce()`
-gathers it. This module is the only one in `cmscale.metrics` that touches torch.distributed;
-with no process group (`torch.distributed.is_initialized()` false) everything is single-process.
+gathers it. Communication goes through `cmscale.dist`; with no process group everything is
+single-process.
 
 Numerics follow clean-fid: `frechet_distance` is clean-fid's formula, with Tr sqrt(S1 S2)
-taken from the eigenvalues of S1 S2 instead of scipy's `sqrtm` (same value, 4x faster, see
+taken from the eigenvalues of S1 S2 instead of scipy's `sqrtm` (same value, cheaper, see
 there); the covariance is the unbiased one (np.cov); `kernel_distance` is clean-fid's
 unbiased MMD with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random
 subsets (ours draws them from a seeded generator, clean-fid from numpy's global one).
@@ -302,8 +302,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
     Tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2 (real parts of
     the principal roots), which is the trace of the matrix square root clean-fid takes with
-    scipy's `sqrtm`, without forming that matrix: about 4x faster for D = 2048 (13 s -> 3 s on
-    one core) and equal to clean-fid's value to about 1e-12 relative for full-rank covariances,
+    scipy's `sqrtm`, without forming that matrix (cheaper than a matrix square root), and
+    equal to clean-fid's value to about 1e-12 relative for full-rank covariances,
     1e-8 for rank-deficient ones (fewer images than dimensions). As clean-fid does, eps is added
     to the diagonals if the eigenvalues cannot be computed.
     """
