@@ -1,61 +1,11 @@
 """Sharded checkpoints that resume: save, load_latest, keep_last.
 
-On disk (progress is counted in images seen, STYLE.md)::
-
-    RUN_DIR/checkpoints/nimg-000000012800/
-        __0_0.distcp  __1_0.distcp ...   tensor data, one file per rank (DCP)
-        .metadata                         DCP's index of keys, shapes and chunks
-        commit.json                       our marker: written last, see below
-
-A checkpoint *counts* only once ``commit.json`` exists. ``save`` writes it on rank
-0 after every rank's data is written and fsync'ed (a barrier), via a temporary file
-and ``os.replace``, so a job killed at any moment leaves either a complete
-checkpoint or a directory without marker, which ``load_latest`` skips with a warning
-and ``keep_last`` deletes once a newer complete checkpoint exists. The marker holds
-JSON: the caller's ``meta`` (``nimg`` required, e.g. ``step``) plus ``world_size``,
-``time`` (UTC, ISO 8601), ``unix_time``, ``torch_version`` and ``format``.
-
-What goes into ``state`` (a dict, possibly nested; the same keys on every rank):
-
-- objects with ``state_dict()``/``load_state_dict()`` (``torch.distributed
-  .checkpoint.stateful.Stateful``), e.g. ``nn.Module``; they are restored by
-  calling ``load_state_dict``. For a model with its optimizer use
-  ``ModelOptimizer(net, opt)``: it goes through DCP's ``get_state_dict``/
-  ``set_state_dict``, which key the optimizer state by parameter name, strip
-  DDP's ``module.`` prefix and create Adam's lazy state before loading into it;
-- tensors: restored in place (``copy_`` into the given tensor). A plain tensor is
-  treated as *replicated*: rank 0's copy is saved and every rank loads it;
-- Python values (numbers, strings, lists, None): replaced in their dict by the
-  saved value;
-- ``FlatShard(local, numel)``: this rank's slice of a 1-D tensor of ``numel``
-  elements, partitioned by ``shard_range`` (the sharded EMAs). Restored in place,
-  resharded when the world size changed;
-- ``PerRank(tensor)``: a value each rank has its own copy of (RNG states); see
-  ``RNGState``. Restored in place only at the saved world size, else left alone.
-
-How resharding works: a ``FlatShard`` is saved as a ``DTensor`` with placement
-``Shard(0)`` on a 1-D ``DeviceMesh`` over all ranks, whose global shape is
-``(numel,)``. DCP records each rank's chunk as (offset, length) of that global
-tensor. On load, each rank asks for the range ``shard_range(numel, rank, world)``
-of the *current* world, and DCP reads the overlapping parts of whichever saved
-chunks cover it. Without a process group (a single process) the target is a plain
-tensor of the full length, i.e. the one chunk (0, numel); so 2 -> 1, 1 -> 2 and
-W -> W' all work. ``shard_range`` is exactly DTensor's ``Shard(0)`` split
-(``torch.chunk``: ceil(numel / W) per rank, the last ranks shorter or empty).
-
-Safety: nothing here unpickles code. DCP stores non-tensor values with
-``torch.save``; we load them with ``weights_only=True`` (DCP's own planner uses
-``weights_only=False``), and DCP's ``.metadata`` index, a plain pickle, is read by
-an unpickler that accepts only DCP's metadata classes, ``torch.Size`` and dtypes.
-
-DCP quirks handled here: without a process group ``dcp.save``/``dcp.load`` work
-as a single process but warn each call (silenced, we pass ``no_dist`` ourselves);
-``DeviceMesh`` needs a process group, so a world-size-1 run without one saves plain
-tensors (the same on-disk layout as a DTensor on one rank). DCP reports failures
-as ``CheckpointException``, a ``BaseException`` that ``except Exception`` misses;
-``save``/``load`` re-raise it as ``RuntimeError`` (all ranks raise, none hangs).
-Plain tensors are deduplicated across ranks and their writing spread over ranks,
-so every rank's file is needed even for replicated state.
+``save(run_dir, state, meta)`` writes ``RUN_DIR/checkpoints/nimg-{nimg:012d}/`` with
+torch.distributed.checkpoint (one ``.distcp`` file per rank, ``.metadata``) and then the commit
+marker ``commit.json``; a checkpoint counts only once the marker exists. ``load_latest``
+restores the newest complete one in place (tensors, ``Stateful`` objects, ``ModelOptimizer``,
+Python values, and ``FlatShard`` slices, resharded at another world size); ``keep_last`` prunes.
+Nothing is unpickled as code. Layout, commit protocol and resharding: docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -90,14 +40,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from cmscale import dist
+from cmscale.atomic import atomic_path
 
 __all__ = [
     "MARKER",
     "CheckpointInfo",
     "FlatShard",
     "ModelOptimizer",
-    "PerRank",
-    "RNGState",
     "checkpoint_path",
     "keep_last",
     "latest_checkpoint",
@@ -163,27 +112,14 @@ class FlatShard:
         return self.local[: self.stop - self.start]
 
 
-class PerRank:
-    """A tensor of which each rank has its own value (e.g. an RNG state).
-
-    Saved as row ``rank`` of a ``(world_size, *tensor.shape)`` tensor, so the shape
-    must be the same on every rank. Restored in place when the checkpoint was written
-    with the current world size; otherwise there is no meaningful owner for each row
-    and the tensor is left unchanged (``load`` warns).
-    """
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-
 class ModelOptimizer:
     """Stateful for a model and (optionally) its optimizer, via DCP's state_dict helpers.
 
     ``get_state_dict``/``set_state_dict`` key optimizer state by parameter name
     instead of position, strip wrapper prefixes (DDP's ``module.``, compile's
     ``_orig_mod.``), and initialise lazy optimizer state (Adam's moments) before a
-    load, so a fresh optimizer is restored completely. Pass the plain ``net``
-    (STYLE.md, principle 7); a DDP-wrapped one gives the same keys.
+    load, so a fresh optimizer is restored completely. Pass the plain ``net`` (the
+    unwrapped module the run exports); a DDP-wrapped one gives the same keys.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
@@ -204,25 +140,6 @@ class ModelOptimizer:
                 self.model, self.optimizer,
                 model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"],
             )
-
-
-class RNGState:
-    """Stateful for this rank's torch CPU (and current CUDA device) generator states.
-
-    Saved per rank (``PerRank``): restored only at the same world size. Training
-    code that derives its randomness from (seed, rank, images seen) does not need it.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = {"cpu": PerRank(torch.get_rng_state())}
-        if torch.cuda.is_available():
-            sd["cuda"] = PerRank(torch.cuda.get_rng_state())
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["cpu"].tensor)
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state_dict["cuda"].tensor)
 
 
 # ----------------------------------------------------------------------------
@@ -262,9 +179,6 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-_SKIP = object()  # marks a PerRank not to be loaded (world size changed)
-
-
 class _FromStateful(dict):
     """DCP view of a Stateful's state_dict, remembering whom to hand it back to."""
 
@@ -273,40 +187,25 @@ class _FromStateful(dict):
         self.owner, self.user_sd = owner, user_sd
 
 
-def _to_dcp(obj: Any, saved_world: int | None, skipped: list | None = None) -> Any:
+def _to_dcp(obj: Any) -> Any:
     """Our state -> the nested dict of tensors, DTensors and values DCP sees.
 
-    ``saved_world`` is the world size of the checkpoint when loading, None when
-    saving. Tensors in the result share storage with ours, so DCP's in-place load
-    fills ours. PerRank entries left out because the world size changed are
-    appended to ``skipped``.
+    Tensors in the result share storage with ours, so DCP's in-place load fills ours.
     """
     if isinstance(obj, FlatShard):
         if not dist.is_initialized():
             return obj.view  # one process owns everything: the chunk (0, numel)
         return _as_dtensor(obj.view, (obj.numel,))
-    if isinstance(obj, PerRank):
-        world = dist.get_world_size()
-        if saved_world is not None and saved_world != world:
-            if skipped is not None:
-                skipped.append(obj)
-            return _SKIP
-        row = obj.tensor.unsqueeze(0)  # a view of obj.tensor
-        if not dist.is_initialized():
-            return row
-        return _as_dtensor(row, (world, *obj.tensor.shape))
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
             if not isinstance(key, str):
                 raise TypeError(f"checkpoint state keys must be str, got {key!r}")
-            converted = _to_dcp(value, saved_world, skipped)
-            if converted is not _SKIP:
-                out[key] = converted
+            out[key] = _to_dcp(value)
         return out
     if isinstance(obj, Stateful) and not isinstance(obj, torch.Tensor):
         user_sd = obj.state_dict()
-        return _FromStateful(_to_dcp(user_sd, saved_world, skipped), obj, user_sd)
+        return _FromStateful(_to_dcp(user_sd), obj, user_sd)
     return obj
 
 
@@ -319,8 +218,8 @@ def _fill(ours: Any, loaded: Any) -> Any:
     if isinstance(loaded, _FromStateful):
         loaded.owner.load_state_dict(_fill(loaded.user_sd, dict(loaded)))
         return ours
-    if isinstance(ours, (FlatShard, PerRank)):
-        return ours  # DCP wrote into a view of their storage (or skipped a PerRank)
+    if isinstance(ours, FlatShard):
+        return ours  # DCP wrote into a view of its storage
     if isinstance(ours, torch.Tensor):
         if loaded is not ours:  # DCP loads in place; copy in case a version did not
             ours.copy_(loaded)
@@ -469,15 +368,11 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 
 def _write_marker(path: pathlib.Path, meta: dict[str, Any]) -> None:
-    # temp + fsync + rename + fsync(dir): the marker is either absent or whole,
-    # and it survives a crash of the machine once save() has returned.
-    tmp = path / (MARKER + ".tmp")
-    with open(tmp, "w") as f:
+    # Temporary file, fsync, rename (atomic_path), then fsync of the directory: the marker
+    # is either absent or whole, and it survives a crash of the machine once save() returns.
+    with atomic_path(path / MARKER) as tmp, open(tmp, "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MARKER)
     _fsync_dir(path)
 
 
@@ -547,7 +442,7 @@ def save(run_dir: str | os.PathLike, state: dict[str, Any], meta: dict[str, Any]
 
     with _calling_dcp("save", path):
         dcp.save(
-            _to_dcp(state, saved_world=None),
+            _to_dcp(state),
             storage_writer=FileSystemWriter(path, sync_files=True),
             no_dist=not dist.is_initialized(),
         )
@@ -576,15 +471,7 @@ def load(path: str | os.PathLike, state: dict[str, Any], *, strict: bool = True)
     meta = _read_marker(path)
     if meta is None:
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER})")
-    saved_world = int(meta.get("world_size", 1))
-    skipped: list = []
-    dcp_state = _to_dcp(state, saved_world, skipped)
-    if skipped and dist.is_main():
-        warnings.warn(
-            f"checkpoint {path} was written by {saved_world} ranks, this run has "
-            f"{dist.get_world_size()}: {len(skipped)} per-rank entries (e.g. RNG "
-            f"states) are not restored"
-        )
+    dcp_state = _to_dcp(state)
     try:
         with _calling_dcp("load", path):
             dcp.load(

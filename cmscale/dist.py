@@ -1,7 +1,7 @@
 """Process-group set-up, rank helpers and the preemption stop flag.
 
-This is the one module that decides how a run is launched. ``init()`` reads the
-environment, picks the launcher and initialises ``torch.distributed``:
+``init()`` reads the environment, picks the launcher and initialises ``torch.distributed``
+(NCCL for CUDA tensors plus gloo for CPU ones when CUDA is available, else gloo):
 
 ==========  ===========================================  ==========================
 launcher    detected by                                  rank / world / local rank
@@ -18,35 +18,21 @@ slurm       ``SLURM_PROCID`` and ``SLURM_STEP_ID`` (a    ``SLURM_PROCID``,
 single      none of the above                            0 / 1 / 0, no process group
 ==========  ===========================================  ==========================
 
-The order is the table's order. torchrun goes first because it is often run as
-one ``srun`` task per node, and then the SLURM variables describe the node, not the
-rank. MPI goes before SLURM because ``mpirun`` inside an allocation starts its
-daemons through ``srun``: every rank would then read ``SLURM_PROCID=0``.
-A batch shell (``sbatch`` script) without ``srun`` has ``SLURM_PROCID`` and
-``SLURM_NTASKS`` but no step id: it is one process, and treating it as rank 0 of
-``SLURM_NTASKS`` would wait forever for ranks that never start.
+The order is the table's: torchrun is often one ``srun`` task per node (then SLURM's
+variables describe the node), and ``mpirun`` inside an allocation starts its daemons through
+``srun`` (every rank would read ``SLURM_PROCID=0``). A batch shell without ``srun`` has no step
+id and is one process. Rendezvous: torchrun's ``MASTER_ADDR``/``MASTER_PORT``; under SLURM the
+first host of the step's node list and a port derived from the job id; under MPI rank 0 sends
+its host and a free port. The result is written back to ``RANK``/``WORLD_SIZE``/... for
+libraries that join an existing run (DeepSpeed). Without a process group every helper behaves
+as world size 1, so training code never branches on it.
 
-Rendezvous: torchrun provides ``MASTER_ADDR``/``MASTER_PORT``. Under SLURM the
-address is the first host of the step's node list (tasks are placed in block order,
-so task 0 runs there) and the port is ``MASTER_PORT`` or derived from the job id.
-Under MPI, rank 0 sends its host name and a free port to all ranks (mpi4py is
-imported only then). Whenever a process group is created, the result is also
-written to ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``,
-because libraries that join an existing run (DeepSpeed) read them.
+Stop flag: SIGUSR1/SIGUSR2/SIGTERM only raise a flag; ``should_stop()`` is a collective (MAX of
+the flags) called at step boundaries, so all ranks stop at the same step, checkpoint and exit
+with ``EXIT_REQUEUE`` (75). Protocol and launcher side: docs/preemption.md.
 
-Backend: NCCL for CUDA tensors plus gloo for CPU tensors when CUDA is available
-(and the CUDA device is set from the local rank), else gloo. A single process
-creates no process group; every helper below then behaves as the world-size-1
-case, so training code never branches on it.
-
-Preemption: ``install_signal_handlers()`` makes SIGUSR1, SIGUSR2 and SIGTERM only
-raise a flag. The training loop calls ``should_stop()`` at a step boundary; it is a
-collective (all-reduce MAX of the local flag), so all ranks stop at the same step
-even when the signal reached only some of them. The loop then checkpoints, calls
-``shutdown()`` and exits with ``EXIT_REQUEUE``.
-
-Only this module, the parallel wrapper, checkpointing and metrics may touch
-``torch.distributed`` (STYLE.md, principle 6).
+Only this module, the parallel wrapper, checkpointing and metrics (through this module) touch
+``torch.distributed``.
 """
 from __future__ import annotations
 
@@ -68,6 +54,8 @@ __all__ = [
     "STOP_SIGNALS",
     "DistInfo",
     "LaunchEnv",
+    "all_gather",
+    "all_gather_flat",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
@@ -88,6 +76,7 @@ __all__ = [
     "should_stop",
     "shutdown",
     "stop_requested",
+    "sum_counts",
     "worker_ignore_signals",
 ]
 
@@ -399,7 +388,7 @@ def shutdown() -> None:
 
     Call it before the process exits: a process group left to interpreter exit
     occasionally aborts a finished rank ("terminate called without an active
-    exception", ENVIRONMENT.md). No barrier here: if another rank died, a barrier
+    exception"). No barrier here: if another rank died, a barrier
     would hang instead of letting this one exit.
     """
     global _info
@@ -504,6 +493,16 @@ def sum_counts(counts: dict) -> dict:
         for k, v in c.items():
             total[k] = total.get(k, 0) + v
     return dict(sorted(total.items()))
+
+
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (the same shape on all ranks), in rank order, on its device."""
+    if not is_initialized() or get_world_size() == 1:
+        return [tensor]
+    moved = tensor.to(_comm_device(tensor.device))
+    parts = [torch.empty_like(moved) for _ in range(get_world_size())]
+    tdist.all_gather(parts, moved)
+    return [p.to(tensor.device) for p in parts]
 
 
 def all_gather_flat(tensor: torch.Tensor) -> torch.Tensor:

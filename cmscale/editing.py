@@ -73,9 +73,10 @@ import torch
 import torch.nn.functional as F
 
 from . import schedules
+from .imageio import save_png, to_uint8
 from .sampling import PerImageNoise, ts_to_sigmas
 from .sample import (FixedShapeNet, add_network_args, from_uint8, image_labels, load_network,
-                     parse_floats, parse_ints, save_png, to_uint8)
+                     parse_floats, parse_ints)
 
 EDIT_TS = (0, 5, 10, 15, 20, 25, 30, 35, 39)
 EDIT_STEPS = 40
@@ -269,17 +270,22 @@ def load_image(path: str, size: int | None = None, *, mode: str = "RGB") -> torc
     return from_uint8(a[None])
 
 
+def _pixels(x: torch.Tensor) -> np.ndarray:
+    # uint8 (B, H, W, 3) for PNG files; clamped first: a noisy input may lie far outside [-1, 1].
+    return to_uint8(x.clamp(-1, 1)).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def write_outputs(out: str, shown: torch.Tensor | None, outputs: torch.Tensor) -> list[str]:
     """``input.png``, ``output_NNN.png`` and ``side_by_side.png`` (input | outputs)."""
     os.makedirs(out, exist_ok=True)
     paths = []
-    u = to_uint8(outputs)
+    u = _pixels(outputs)
     for i, img in enumerate(u):
         paths.append(os.path.join(out, f"output_{i:03d}.png"))
         save_png(img, paths[-1])
     tiles = list(u)
     if shown is not None:
-        s = to_uint8(shown[:1])[0]
+        s = _pixels(shown[:1])[0]
         save_png(s, os.path.join(out, "input.png"))
         tiles = [s] + tiles
     h, w = tiles[0].shape[:2]

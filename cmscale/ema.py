@@ -6,7 +6,7 @@
 - ``ema``: any number of evaluation averages, e.g. ``{"0.9999": 0.9999, "0.99994": 0.99994}``,
   used only for sampling, FID and export.
 
-Update rule (the reference's): ``avg <- rate * avg + (1 - rate) * param``, on float32 master
+Update rule (openai/consistency_models ``update_ema``): ``avg <- rate * avg + (1 - rate) * param``, on float32 master
 parameters; buffers (if any) are copied.
 """
 
@@ -16,6 +16,9 @@ import copy
 
 import torch
 from torch import nn
+
+from . import dist
+from .checkpoint import shard_range
 
 
 def ema_name(rate: float) -> str:
@@ -51,27 +54,6 @@ def frozen_copy(net: nn.Module) -> nn.Module:
     return avg
 
 
-class Averages(nn.Module):
-    """The target and the evaluation EMAs of one network, as named sub-modules.
-
-    ``averages.target`` (None when the loss has no separate target) and ``averages.ema[name]``.
-    Being an ``nn.Module`` it saves and loads with the run's checkpoint.
-    """
-
-    def __init__(self, net: nn.Module, ema_rates=(), with_target: bool = True):
-        super().__init__()
-        self.target = frozen_copy(net) if with_target else None
-        self.rates = {ema_name(float(r)): float(r) for r in ema_rates}
-        self.ema = nn.ModuleDict({name: frozen_copy(net) for name in self.rates})
-
-    def update(self, net: nn.Module, target_rate: float | None) -> None:
-        """After an optimizer step: the target with mu(k), then every evaluation EMA."""
-        if self.target is not None and target_rate is not None:
-            update_average(self.target, net, target_rate)
-        for name, rate in self.rates.items():
-            update_average(self.ema[name], net, rate)
-
-
 class ShardedAverage:
     """One evaluation EMA, sharded: this rank owns a 1/W slice of the flattened parameters.
 
@@ -87,8 +69,6 @@ class ShardedAverage:
     """
 
     def __init__(self, net: nn.Module, rate: float, rank: int = 0, world_size: int = 1):
-        from .checkpoint import shard_range
-
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"EMA rate must be in [0, 1), got {rate}")
         self.rate, self.rank, self.world_size = float(rate), rank, world_size
@@ -140,8 +120,6 @@ class ShardedAverage:
 
     def full(self) -> torch.Tensor:
         """The whole flat average (``numel`` entries; collective when W > 1)."""
-        from . import dist
-
         flat = dist.all_gather_flat(self.local) if self.world_size > 1 else self.local
         return flat[: self.numel]
 

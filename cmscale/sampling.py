@@ -2,7 +2,8 @@
 
 Noise is drawn per image index: image i of a run seeded with ``seed`` always gets the same
 initial noise and the same per-step noise, so samples do not depend on the batch size or on
-how many ranks share the work (Song et al. 2023, Algorithm 1; REFERENCE.md "Sampling").
+how many ranks share the work. Multistep sampling is Song et al. 2023, Algorithm 1 (as in
+openai/consistency_models ``cm/karras_diffusion.py``, ``stochastic_iterative_sampler``).
 """
 
 from __future__ import annotations

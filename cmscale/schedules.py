@@ -52,11 +52,13 @@ def karras_sigma_at(
 
 
 def ct_schedule(step: int, total_steps: int, s0: int, s1: int, mu0: float) -> tuple[int, float]:
-    """CT curriculum of the reference ("progressive" N, "adaptive" target EMA).
+    """CT curriculum: "progressive" N and "adaptive" target EMA of openai/consistency_models
+    (``cm/script_util.py``, ``create_ema_and_scales_fn``).
 
     ``N'(k) = max(1, ceil(sqrt(k/K * ((s1+1)^2 - s0^2) + s0^2) - 1))``,
     ``mu(k) = exp(s0 * ln(mu0) / N'(k))`` and ``N(k) = N'(k) + 1``. mu uses N', not N, so
-    ``mu(0) = mu0^2``: that is what produced the paper's numbers (see REFERENCE.md).
+    ``mu(0) = mu0^2``: the reference code computes mu before adding 1 to N, and that code
+    produced the paper's numbers.
     Returns ``(N, mu)`` with N the number of grid points (pairs are indices 0..N-2).
     """
     if total_steps <= 0:

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from .atomic import atomic_path, write_bytes
+
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a state dict from ``.safetensors`` or a torch file (weights_only)."""
@@ -52,13 +54,11 @@ def _safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str])
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str, metadata: dict | None = None):
     """Write atomically (temporary name, then rename) as safetensors or torch."""
-    tmp = f"{path}.tmp-{os.getpid()}"
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if path.endswith(".safetensors"):
         meta = {k: json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
                 for k, v in (metadata or {}).items()}
-        with open(tmp, "wb") as f:
-            f.write(_safetensors_bytes(state, meta))
+        write_bytes(path, _safetensors_bytes(state, meta))
     else:
-        torch.save({"state_dict": state, "metadata": metadata or {}}, tmp)
-    os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"state_dict": state, "metadata": metadata or {}}, tmp)

@@ -26,7 +26,8 @@ _LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "HYDRA_")
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                 "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
-# A finished rank occasionally aborts at interpreter exit (ENVIRONMENT.md); it wrote
+# A finished rank occasionally aborts at interpreter exit ("terminate called without an active
+# exception", SIGABRT from the process group's teardown); it wrote
 # its result before, and that result is what the tests judge.
 _EXIT_NOISE = (-6, 134)
 

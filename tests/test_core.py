@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cmscale import losses, sampling, schedules, solvers
-from cmscale.ema import Averages, ema_name, update_average
+from cmscale.ema import ema_name, update_average
 from cmscale.networks import MLP, ConsistencyPrecond, EDMPrecond, cm_scalings, edm_scalings
 from cmscale.toy import GaussianMixture
 
@@ -319,19 +319,6 @@ def test_ema_update_rule_and_names():
     rates = (0.9999, 0.99994, 0.9999432189950708)
     names = {ema_name(r) for r in rates}
     assert len(names) == 3 and "ema_0_9999" in names
-
-
-def test_averages_keep_target_and_emas_apart():
-    net = nn.Linear(3, 3)
-    av = Averages(net, ema_rates=(0.5, 0.9))
-    with torch.no_grad():
-        net.weight.add_(1.0)
-    av.update(net, target_rate=0.0)
-    assert torch.equal(av.target.weight, net.weight)  # mu = 0: iCT stop-gradient copy
-    assert not torch.equal(av.ema["ema_0_5"].weight, net.weight)
-    assert not any(p.requires_grad for p in av.parameters())
-    keys = set(av.state_dict())
-    assert "target.weight" in keys and "ema.ema_0_9.weight" in keys
 
 
 # ----------------------------------------------------------------------------- sharded target

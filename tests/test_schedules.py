@@ -19,7 +19,7 @@ def test_karras_grid_endpoints_and_formula():
         schedules.karras_sigmas(1)
 
 
-# REFERENCE.md's table for LSUN 256 CT: s0 = 2, s1 = 150, K = 1M, mu0 = 0.95.
+# The LSUN 256 CT settings of openai/consistency_models: s0 = 2, s1 = 150, K = 1M, mu0 = 0.95.
 @pytest.mark.parametrize(
     "step,N,mu",
     [(0, 2, 0.9025), (10_000, 16, 0.9932), (100_000, 48, None), (500_000, 107, None),

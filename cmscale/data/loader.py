@@ -28,8 +28,8 @@ flip bit into shared-memory buffers that the consumer allocated (`_SharedBatches
 (prefetch_factor + 2) batches; no tensor crosses the DataLoader's queue). Without an
 accelerator (`device` None or CPU) the workers also mirror the flagged images, and the
 consuming process (the one that trains) only copies the batch out: a uint8 NCHW view of a
-copy, or float [-1, 1] converted one image at a time (`to_unit_range`, in cache: 5x faster
-than whole-batch ops). With an accelerator `device` the consumer copies the uint8 batch there
+copy, or float [-1, 1] converted one image at a time (`to_unit_range`, so that each image's
+float copy stays in cache). With an accelerator `device` the consumer copies the uint8 batch there
 (4x fewer bytes than float) and mirrors and converts there, where it is cheap (the float
 values are the reference's on every device). Flip bits are a hash of (seed, epoch, sample
 index): no RNG state.
@@ -87,9 +87,9 @@ class _SharedBatches:
     """Batch buffers (images, labels, flip bits) in shared memory, allocated by the consumer.
 
     Worker i fills buffers[i, j] for j = 0, 1, ..., n-1, 0, ... and sends only (i, j, seq): no
-    tensor crosses the DataLoader's queue. (A fresh shared tensor per batch cost about 0.3 ms per
-    256x256 image: a shm file, an fd handed over through an authenticated socket, and page
-    faults on both sides; as much as decoding the image.) The DataLoader keeps at most
+    tensor crosses the DataLoader's queue. (A fresh shared tensor per batch costs a shm file,
+    an fd handed over through an authenticated socket, and page faults on both sides: about as
+    much as decoding the image.) The DataLoader keeps at most
     `prefetch_factor` batches per worker in flight and the consumer copies each batch (float
     conversion, device copy or clone) before it asks for the next one, so n = prefetch_factor + 2
     buffers are never overwritten while in use. Each buffer has a stamp (its batch number, -1
@@ -238,7 +238,7 @@ class _SlotDataset(IterableDataset):
             flip_bits[n] = flipped = self.random_flip and flip_bit(seed, item.epoch, item.index)
             if flipped and flip_here:
                 # Mirror W in place: torch has a vectorised kernel for contiguous HWC uint8
-                # (numpy's negative-stride copy of 3-byte pixels is 25x slower).
+                # (numpy's negative-stride copy of 3-byte pixels is far slower).
                 image = images[n]
                 image.copy_(image.flip(1))
             if labels is not None:
@@ -406,10 +406,10 @@ def to_unit_range(x: torch.Tensor, table: bool | None = None) -> torch.Tensor:
     """uint8 (any layout, any device) -> contiguous float32 float32(x) / 127.5 - 1, as the reference.
 
     On a CPU the arithmetic itself, written straight into the contiguous output (the cast does
-    any permutation; torch.div(uint8, 127.5) gives the same values through a 4x slower
+    any permutation; torch.div(uint8, 127.5) gives the same values through a slower
     mixed-type path), one leading-dim slice (image) at a time so that its float copy stays in
-    cache for the three passes: whole-batch ops and a permuting float copy were 5x slower
-    (0.7 ms per 256x256 image). Elsewhere (`table`, default: not a CPU) a gather from the 256
+    cache for the three passes, which whole-batch ops and a permuting float copy do not.
+    Elsewhere (`table`, default: not a CPU) a gather from the 256
     values computed on the CPU: CUDA divides by a Python scalar as a multiplication by its
     reciprocal, which is 1 ulp off for 111 of the 256 values.
     """

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import multiprocessing
 import os
 import tarfile
@@ -33,6 +32,7 @@ from contextlib import nullcontext
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import write_json
 from .images import BadInput, BadInputError, check_policy, encode_image, prepare_image
 from .sources import Source, open_source
 
@@ -116,8 +116,9 @@ class _ShardSink:
 
 def _prepare_out_dir(out_dir: str, overwrite: bool):
     os.makedirs(out_dir, exist_ok=True)
-    for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp-*")):
-        os.remove(tmp)  # left by a killed run
+    for pattern in ("*.tmp-*", ".*.tmp-*"):  # shards' and atomic_path's temporary names
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            os.remove(tmp)  # left by a killed run
     old = glob.glob(os.path.join(glob.escape(out_dir), "data-*.tar"))
     manifest = os.path.join(out_dir, MANIFEST_NAME)
     if old or os.path.exists(manifest):
@@ -127,15 +128,8 @@ def _prepare_out_dir(out_dir: str, overwrite: bool):
             os.remove(f)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """``obj`` as JSON at ``path``: temporary file, fsync, rename (never a torn file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# The manifest writer under its older name, which the training loop imports.
+write_json_atomic = write_json
 
 
 def make_shards(source, out_dir: str, resolution: int, *, shard_size: int = 1000,
@@ -212,7 +206,7 @@ def make_shards(source, out_dir: str, resolution: int, *, shard_size: int = 1000
         "seed": seed if shuffle else None,
         "seconds": round(time.time() - t0, 2),
     }
-    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    write_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
     return manifest
 
 

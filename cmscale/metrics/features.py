@@ -5,10 +5,9 @@ The interface (`FeatureExtractor`):
     feats = extractor(images)   # images: uint8 (B, C, H, W) in [0, 255], or float in [-1, 1]
                                 # feats: float32 (B, D) on the CPU
 
-Float images are generated samples: they are quantised to uint8 first (`to_uint8`:
-round((x + 1) * 127.5), as our image grids and EDM's sample PNGs; openai/consistency_models
-truncates instead, half a grey level lower), so the FID of samples computed in memory equals the
-FID of the same samples saved as PNG. C = 1 is replicated to RGB.
+Float images are generated samples: they are quantised to uint8 first with
+`cmscale.imageio.to_uint8` (round((x + 1) * 127.5)), so the FID of samples computed in memory
+equals the FID of the same samples saved as PNG. C = 1 is replicated to RGB.
 
 A call runs two stages, kept apart so that pipelines can put the first one in DataLoader workers:
 `extractor.preprocessor` (a picklable CPU function: uint8 batch -> the network's input, e.g. the
@@ -21,7 +20,7 @@ Extractors:
   TorchScript Inception-v3 `inception-2015-12-05.pt` (the one StyleGAN2-ADA, EDM and clean-fid
   use; 2048-D pool features) from a local file; the resize is `CleanResize` (below). Not
   clean-fid's "legacy_tensorflow" mode (the network's own resize of uint8 images), which gives
-  different numbers; FID values from different evaluators must not be mixed (REFERENCE.md).
+  different numbers; FID values from different evaluators must not be mixed.
 - `DigitsExtractor`: 64-D penultimate-layer features of a small CNN trained here, in seconds,
   on scikit-learn's digits (the embedded dataset). It gives a real Frechet distance on machines
   without Inception weights; its numbers are only comparable with themselves.
@@ -33,11 +32,9 @@ The "clean" resize (`CleanResize`): clean-fid's `build_resizer("clean")` is
 image becomes a PIL float ("F") image, is resized with BICUBIC to 299 x 299, and the float
 result is clipped to [0, 255], without rounding to uint8. `CleanResize` makes the same Pillow
 calls (our code), so it equals clean-fid's resize bit for bit with whatever Pillow is installed.
-We tried reimplementing Pillow's separable float resampling as two float64 matrix products:
-bit-exact for square upscales, but the installed Pillow 13 differs from that model by one
-float32 ulp on some downscales and non-square shapes, and on CPU it was slower than Pillow
-(3.4 vs 1.2 ms per 32 x 32 image), so the resize stays Pillow's; pipelines run it in
-DataLoader workers. (The FID effect of such float32-ulp differences is around 1e-7 relative.)
+A float64 matrix model of Pillow's separable resampling is not bit-exact for every shape (one
+float32 ulp on some downscales), so the resize stays Pillow's; pipelines run it in DataLoader
+workers.
 """
 from __future__ import annotations
 
@@ -53,6 +50,9 @@ import torch.nn as nn
 import torch.fx
 import torch.nn.functional as F
 
+from ..atomic import atomic_path
+from ..imageio import to_uint8
+
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 
@@ -64,29 +64,6 @@ def default_cache_dir() -> str:
 
 # ----------------------------------------------------------------------------
 # Input conventions
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W): uint8 input as is; float input in [-1, 1] -> round((x + 1) * 127.5).
-
-    (B, 1, H, W) is replicated to 3 channels. Float input far outside [-1, 1] (e.g. [0, 255]
-    floats) is an error rather than silently saturated: pass uint8 for [0, 255] data.
-    """
-    if not isinstance(images, torch.Tensor):
-        images = torch.as_tensor(np.asarray(images))
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    if images.shape[1] != 3:
-        raise ValueError(f"images must have 1 or 3 channels (NCHW), got shape {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise ValueError(f"images must be uint8 [0, 255] or float [-1, 1], got {images.dtype}")
-    if images.numel() and float(images.detach().abs().max()) > 2.0:
-        raise ValueError("float images must be in [-1, 1] (generated samples); pass uint8 for [0, 255] data")
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------
@@ -216,9 +193,9 @@ def fold_batchnorm(net: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 # On CPU the network runs stage by stage, each stage on chunks of the batch sized so that its
-# largest activation stays around this many bytes: the 147 x 147 stem layers of Inception run 1.3x
-# faster on 4 images at a time than on 48 (cache reuse), while the late 1 x 1 convolutions want
-# the whole batch to amortise their weights. Measured with benchmarks/bench_fid.py.
+# largest activation stays around this many bytes: the 147 x 147 stem layers of Inception run
+# faster on a few images at a time (cache reuse), while the late 1 x 1 convolutions want the
+# whole batch to amortise their weights (benchmarks/bench_fid.py measures it).
 CHUNK_BYTES = 24 << 20
 
 
@@ -634,10 +611,9 @@ def load_digits_net(cache_dir: str | None = None, retrain: bool = False) -> tupl
     else:
         net, info = train_digits_net()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp,
-                  metadata={k: str(v) for k, v in info.items()})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp,
+                      metadata={k: str(v) for k, v in info.items()})
     info["path"] = path
     return net.eval(), info
 
