@@ -62,7 +62,8 @@ def _finish(procs, what):
             for q in procs:
                 q.kill()
             raise
-    # A finished rank occasionally aborts at interpreter exit (ENVIRONMENT.md); the run is
+    # A finished rank occasionally aborts at interpreter exit (gloo/MPI teardown noise on
+    # CPU, see _launch._EXIT_NOISE); the run is
     # judged by its exit codes otherwise and by its checkpoints.
     codes = [p.returncode for p in procs]
     assert all(c == 0 or c in _launch._EXIT_NOISE for c in codes) and 0 in codes, \
