@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from .ema import ema_name
+from .sampler import Sampler
+
 
 class ConfigError(ValueError):
     """A bad config key or value (the message names it)."""
@@ -293,24 +296,17 @@ def validate(cfg: Config) -> Config:
     ts = [int(t) for t in cfg.sample.ts]
     if len(ts) < 2 or any(a >= b for a, b in zip(ts, ts[1:])) or ts[-1] >= cfg.sample.steps:
         raise ConfigError(f"sample.ts={cfg.sample.ts}: increasing indices below sample.steps")
-    from .ema import ema_name
-
     names = [ema_name(float(r)) for r in cfg.ema.rates] + ["online", "target"]
     for key, value in (("sample.ema", cfg.sample.ema), ("eval.ema", cfg.eval.ema)):
         if value and value not in names:
             raise ConfigError(f"{key}={value!r}: not an average of this run; choose one of "
                               f"{names} (ema.rates={list(cfg.ema.rates)})")
     if cfg.eval.every_images:
-        from .evaluation import parse_sampler
-
         for text in cfg.eval.samplers:
             try:
-                kind = parse_sampler(text)["kind"]
+                Sampler.parse(text).check(cfg.loss.mode)
             except ValueError as e:
-                raise ConfigError(f"eval.samplers: {e}") from None
-            if (kind == "edm") != (cfg.loss.mode == "edm"):
-                raise ConfigError(f"eval.samplers: {text!r} does not fit loss.mode="
-                                  f"{cfg.loss.mode!r} (EDM denoisers take edm[=N] only)")
+                raise ConfigError(f"eval.samplers: {e} (loss.mode={cfg.loss.mode!r})") from None
         if not cfg.eval.ref and not cfg.data.shards.startswith("embedded:"):
             raise ConfigError("eval.ref: periodic FID needs reference statistics for your data "
                               "(python tools/ref_stats.py SRC OUT.npz, then eval.ref=OUT.npz)")

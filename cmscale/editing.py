@@ -75,8 +75,9 @@ import torch.nn.functional as F
 from . import schedules
 from .imageio import save_png, to_uint8
 from .sampling import PerImageNoise, ts_to_sigmas
-from .sample import (FixedShapeNet, add_network_args, from_uint8, image_labels, load_network,
-                     parse_floats, parse_ints)
+from .runs import load_network
+from .sample import FixedShapeNet, add_network_args, from_uint8, image_labels
+from .sampler import parse_floats, parse_ints
 
 EDIT_TS = (0, 5, 10, 15, 20, 25, 30, 35, 39)
 EDIT_STEPS = 40

@@ -47,7 +47,7 @@ size), which makes files identical for every batch size too, at a cost (small on
 GPUs). On GPUs, cuDNN/cuBLAS may pick algorithms at run time: set
 ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` and use ``--deterministic`` for repeatable bits.
 
-Loading happens before the process group exists: ``export.load_run_network`` assembles the
+Loading happens before the process group exists: ``runs.load_network`` assembles the
 EMA as one process (its sharded state is meant for that), every rank reads the files itself,
 and then rank 0's weights are broadcast so that all ranks use the same checkpoint even if a
 training run commits a newer one meanwhile.
@@ -67,95 +67,17 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from . import dist, schedules
-from .sampling import PerImageNoise, sample_sigmas, ts_to_sigmas
-from .imageio import make_grid, save_png  # noqa: F401 (save_png: editing and tools use it from here)
+from . import dist
+from .imageio import make_grid, save_png, to_uint8
+from .runs import RECORD_KEYS, load_network
+from .sampler import Sampler
+from .sampling import PerImageNoise
 
 GRID_IMAGES = 64
 _LABEL_STREAM = 0x6C61626C  # "labl": separates label draws from the noise stream (seed, i)
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def _is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.yaml"))
-
-
-def _ema_which(which: str) -> str:
-    """'0.9999' -> 'ema_0_9999' (an EMA given by its rate); names pass through."""
-    from .ema import ema_name
-
-    try:
-        return ema_name(float(which)) if which else ""
-    except ValueError:
-        return which
-
-
-def load_network(spec: str, which: str = "", preset: str | None = None,
-                 mode: str | None = None, overrides: dict | None = None):
-    """(network, info) for a run dir, a checkpoint dir, an export or a reference ``.pt``.
-
-    The network is the preconditioned module (``ConsistencyPrecond``, or ``EDMPrecond`` for
-    ``edm`` runs) in eval mode on the CPU. ``info`` says what was loaded (``source``,
-    ``path``, ``network``, ``nimg``, ``preset``, ``mode``, ``sigma_min``, ``sigma_max``, ``rho``).
-    """
-    from .networks import ConsistencyPrecond, EDMPrecond, create_unet
-    from .weights import load_state_dict
-
-    spec = os.path.normpath(spec)
-    if os.path.isdir(spec):
-        from .export import load_run_network
-
-        ckpt = None
-        run_dir = spec
-        if not _is_run_dir(spec):
-            parent = os.path.dirname(os.path.dirname(spec))
-            if os.path.basename(os.path.dirname(spec)) == "checkpoints" and _is_run_dir(parent):
-                run_dir, ckpt = parent, spec
-            else:
-                raise FileNotFoundError(f"{spec}: neither a run directory (config.yaml) nor a "
-                                        f"checkpoint directory RUN/checkpoints/nimg-*")
-        net, cfg, meta = load_run_network(run_dir, _ema_which(which), ckpt)
-        info = dict(source="checkpoint" if ckpt else "run", path=os.path.abspath(run_dir),
-                    checkpoint=ckpt, network=meta["network"], nimg=meta.get("nimg"),
-                    preset=cfg.net.preset, mode=cfg.loss.mode, sigma_min=cfg.net.sigma_min,
-                    sigma_max=cfg.net.sigma_max, rho=cfg.net.rho)
-        return net.eval(), info
-
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"checkpoint not found: {spec}")
-    side = spec + ".json"
-    if os.path.isfile(side):  # one of our exports
-        with open(side) as f:
-            exp = json.load(f)["export"]
-        if preset and preset != exp["preset"]:
-            raise ValueError(f"{spec} is an export of preset {exp['preset']!r}, not {preset!r}")
-        info = dict(source="export", path=os.path.abspath(spec), network=exp.get("network"),
-                    nimg=exp.get("nimg"), preset=exp["preset"], mode=mode or exp.get("mode", "ct"),
-                    sigma_data=exp.get("sigma_data", 0.5), sigma_min=exp.get("sigma_min", 0.002),
-                    sigma_max=exp.get("sigma_max", 80.0), rho=exp.get("rho", schedules.RHO))
-        net_kw = dict(exp.get("net_overrides") or {}, **(overrides or {}))
-    else:  # a public reference checkpoint: a plain state dict, its preset named by the user
-        if not preset:
-            raise ValueError(f"{spec} has no {os.path.basename(side)} beside it: name its UNet "
-                             f"with --preset (e.g. lsun256, imagenet64)")
-        info = dict(source="reference", path=os.path.abspath(spec), network=None, nimg=None,
-                    preset=preset, mode=mode or "cm", sigma_data=0.5,
-                    sigma_min=schedules.SIGMA_MIN, sigma_max=schedules.SIGMA_MAX,
-                    rho=schedules.RHO)
-        net_kw = dict(overrides or {})
-    raw = create_unet(info["preset"], **net_kw)
-    try:
-        raw.load_state_dict(load_state_dict(spec), strict=True)
-    except RuntimeError as e:  # missing/unexpected keys or shapes: the wrong preset
-        first = str(e).split("\n")[:3]
-        raise ValueError(f"{spec} does not fit UNet preset {info['preset']!r}: "
-                         f"{' '.join(first)[:400]}") from None
-    wrap = EDMPrecond if info["mode"] == "edm" else ConsistencyPrecond
-    net = wrap(raw, sigma_data=info.pop("sigma_data"), sigma_min=info["sigma_min"],
-               sigma_max=info["sigma_max"])
-    return net.eval(), info
 
 
 def broadcast_weights(net: torch.nn.Module) -> None:
@@ -220,67 +142,9 @@ def image_labels(seed: int, indices: Sequence[int], num_classes: int | None,
     return torch.tensor(labels, dtype=torch.long, device=device)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounding to the nearest level."""
-    u = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return u.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def from_uint8(u: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] (exact inverse of to_uint8)."""
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] (exact inverse of cmscale.imageio.to_uint8)."""
     return torch.from_numpy(np.array(u, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-class Plan:
-    """What a sampler does to one batch of noise streams: one step, ``ts``/``steps``,
-    explicit sigmas, or the EDM Heun sampler for EDM denoisers."""
-
-    def __init__(self, info: dict, ts: str | None = None, steps: int | None = None,
-                 sigmas: str | None = None):
-        self.sigma_min, self.sigma_max = float(info["sigma_min"]), float(info["sigma_max"])
-        self.rho = float(info.get("rho", schedules.RHO))
-        self.edm = info["mode"] == "edm"
-        self.final = None
-        if self.edm:
-            if ts or sigmas:
-                raise ValueError("an EDM denoiser is sampled with the Heun sampler: use --steps")
-            self.steps = int(steps or 18)
-            self.levels = None
-            self.describe = dict(sampler="edm_heun", steps=self.steps)
-        elif sigmas:
-            if ts:
-                raise ValueError("give --ts/--steps or --sigmas, not both")
-            self.levels = parse_floats(sigmas)
-            self.describe = dict(sampler="multistep", sigmas=self.levels)
-        elif ts:
-            if not steps:
-                raise ValueError("--ts needs --steps (the size of the Karras grid)")
-            self.levels, self.final = ts_to_sigmas(parse_ints(ts), int(steps), self.sigma_min,
-                                                   self.sigma_max, self.rho)
-            self.describe = dict(sampler="multistep", ts=parse_ints(ts), steps=int(steps),
-                                 sigmas=self.levels, final_sigma=self.final)
-        else:
-            if steps:
-                raise ValueError("--steps without --ts: give --ts (e.g. 0,62,150 --steps 151)")
-            self.levels = [self.sigma_max]
-            self.describe = dict(sampler="onestep", sigmas=self.levels)
-
-    def __call__(self, net, noise: PerImageNoise, labels) -> torch.Tensor:
-        if self.edm:
-            from .solvers import edm_sample
-
-            return edm_sample(net, noise.next(), self.steps, labels, sigma_min=self.sigma_min,
-                              sigma_max=self.sigma_max, rho=self.rho)
-        return sample_sigmas(net, noise, self.levels, labels, final_sigma=self.final,
-                             sigma_min=self.sigma_min, sigma_max=self.sigma_max)
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(t) for t in str(text).replace(" ", "").split(",") if t]
-
-
-def parse_floats(text: str) -> list[float]:
-    return [float(t) for t in str(text).replace(" ", "").split(",") if t]
 
 
 # ----------------------------------------------------------------------------- files
@@ -436,7 +300,9 @@ def main(argv=None) -> int:
 @torch.no_grad()
 def run(args, net, info: dict, d) -> None:
     rank, world, device = d.rank, d.world_size, d.device
-    plan = Plan(info, args.ts, args.steps, args.sigmas)
+    sampler = Sampler.from_flags(info["mode"], args.ts, args.steps, args.sigmas)
+    grid = dict(sigma_min=float(info["sigma_min"]), sigma_max=float(info["sigma_max"]),
+                rho=float(info["rho"]))
     raw = net.model
     res, channels, num_classes = raw.image_size, raw.in_channels, raw.num_classes
     shaped = FixedShapeNet(net, 1 if args.batch_invariant else min(args.batch_size, args.num))
@@ -458,7 +324,8 @@ def run(args, net, info: dict, d) -> None:
         chunk = mine[start:start + args.batch_size]
         noise = PerImageNoise(args.seed, chunk, (channels, res, res), device=device)
         labels = image_labels(args.seed, chunk, num_classes, fixed, device)
-        images = to_uint8(plan(shaped, noise, labels))
+        images = sampler.run(shaped, noise, labels, **grid).clamp(-1, 1)
+        images = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         part[start:start + len(chunk)] = images
         for i, img in zip(chunk, images):
             save_png(img, os.path.join(images_dir, image_name(i, args.num)))
@@ -469,9 +336,9 @@ def run(args, net, info: dict, d) -> None:
     if rank == 0:
         labels = image_labels(args.seed, range(args.num), num_classes, fixed)
         path = _assemble(args.out, args.num, world, (res, res, channels), labels)
-        settings = dict(checkpoint={k: v for k, v in info.items()}, num=args.num,
-                        seed=args.seed, resolution=res, class_label=fixed,
-                        class_conditional=bool(num_classes), **plan.describe)
+        settings = dict(checkpoint={k: info[k] for k in RECORD_KEYS if k in info},
+                        num=args.num, seed=args.seed, resolution=res, class_label=fixed,
+                        class_conditional=bool(num_classes), **sampler.describe(**grid))
         tmp = _tmp(os.path.join(args.out, "sample.json"))
         with open(tmp, "w") as f:
             json.dump(settings, f, indent=2)

@@ -11,7 +11,10 @@ import argparse
 import os
 import sys
 
+from . import dist
 from .config import ConfigError, dump_config, load_config
+from .methods import build_net
+from .training_loop import training_loop
 
 
 def parse_args(argv=None):
@@ -26,10 +29,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    # First thing: a pre-timeout warning that arrives while torch is still importing must set
+    # First thing: a pre-timeout warning that arrives while the run is being built must set
     # the stop flag, not kill the process (default action of SIGUSR1).
-    from . import dist
-
     dist.install_signal_handlers()
     args = parse_args(argv)
     try:
@@ -40,15 +41,11 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
     run_dir = args.run_dir or os.path.join("runs", name)
     if args.dry_run:
-        from .methods import build_net
-
         net = build_net(cfg)
         print(dump_config(cfg), end="")
         n = sum(p.numel() for p in net.parameters())
         print(f"# run_dir: {run_dir}\n# parameters: {n:,} ({n * 4 / 2**20:.1f} MiB fp32)")
         return 0
-    from .training_loop import training_loop
-
     try:
         return training_loop(cfg, run_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:

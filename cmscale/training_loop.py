@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -47,10 +48,14 @@ import torch
 
 from . import checkpoint, dist, parallel
 from .config import Config, dump_config
+from .data import build_loader
+from .data.embedded import ensure_embedded_shards
 from .data.shards import write_json_atomic
 from .ema import ShardedAverage, ShardedTarget, ema_name
+from .evaluation import PeriodicEval
 from .imageio import make_grid, save_png
 from .methods import Method, build_method, build_net
+from .runs import network_name
 from .sampling import PerImageNoise
 
 EXIT_NONFINITE = 65
@@ -100,9 +105,6 @@ def build_data(cfg: Config, info: dist.DistInfo, streams: int, nimg: int,
     per step; a rank concatenates its k streams. The global batch is streams 0..D-1 in order,
     whatever W is, so with ``data.streams`` fixed the data a step sees does not depend on the
     number of ranks."""
-    from .data import build_loader
-    from .data.embedded import ensure_embedded_shards
-
     shards = cfg.data.shards
     if shards.startswith("embedded:"):
         # Rank 0 builds the shards once into the cache; the others wait for it.
@@ -202,17 +204,20 @@ class Logger:
 
 @torch.no_grad()
 def sample_grid(net, method: Method, cfg: Config, device, n: int | None = None) -> torch.Tensor:
-    """The method's preview panels (one step, and multistep) side by side, uint8 CHW."""
+    """The method's preview panels (one step, and multistep) side by side, uint8 CHW.
+
+    Each panel's sampler starts from the same per-image noise streams (seed, i)."""
     n = n or cfg.sample.num_grid
     res = cfg.data.resolution
     net_labels = None
     num_classes = getattr(getattr(net, "model", None), "num_classes", None)
     if num_classes:
         net_labels = torch.arange(n, device=device) % num_classes
+    grid = dict(sigma_min=cfg.net.sigma_min, sigma_max=cfg.net.sigma_max, rho=cfg.net.rho)
     was_training = net.training
     net.eval()
-    noise = lambda: PerImageNoise(cfg.sample.seed, range(n), (3, res, res), device=device)
-    panels = method.preview(net, noise, net_labels)
+    panels = [s.run(net, PerImageNoise(cfg.sample.seed, range(n), (3, res, res), device=device),
+                    net_labels, **grid) for s in method.preview()]
     net.train(was_training)
     return torch.cat([make_grid(p) for p in panels], dim=2)
 
@@ -252,8 +257,6 @@ class Trainer:
         # statistics are an error before training starts (collective).
         self.evaluator = None
         if cfg.eval.every_images:
-            from .evaluation import PeriodicEval
-
             self.evaluator = PeriodicEval(cfg, self.device)
         self.saved_step = -1  # the step of the newest checkpoint this process wrote
         self.backend = parallel.build_backend(self.net, self.opt, cfg, self.info, self.micro,
@@ -508,18 +511,15 @@ class Trainer:
 
     def eval_net(self, name: str = "") -> torch.nn.Module:
         """A whole network for sampling: an EMA (gathered; collective), or online/target."""
-        name = name or (next(iter(self.emas)) if self.emas else "online")
+        name = network_name(name, self.cfg.ema.rates)
         if name == "target" and self.target is not None:
             return self.target.gather(self._blank_net())
         if name in ("online", "target"):  # without a separate target, it is the online net
             return self.backend.online_network()
-        if name not in self.emas:
-            raise ValueError(f"sample.ema={name!r}: choose 'online', 'target' or one of "
-                             f"{list(self.emas)}")
         return self.emas[name].gather(self._blank_net())
 
     def _blank_net(self) -> torch.nn.Module:
-        """A plain network (no grads) to write whole weights into."""
+        """A plain network (no grads) to write whole weights into (``build_net``'s)."""
         return self.backend.blank_network()
 
     def write_samples(self, log: Logger):
@@ -542,8 +542,6 @@ def training_loop(cfg: Config, run_dir: str) -> int:
     finally:
         # The outcome is decided (and saved): a late duplicate warning must not kill the
         # process while the interpreter shuts down and turn exit 75 into 128+N.
-        import signal
-
         for sig in dist.STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         dist.shutdown()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cmscale import editing, sample
+from cmscale import editing, runs, sample
 from cmscale.networks import create_unet
 from cmscale.sampling import PerImageNoise
 from tests._launch import clean_env, free_port
@@ -94,7 +94,7 @@ def same_files(a, b):
 
 
 def test_reference_pt_needs_its_preset_and_loads_strictly(rand_pt, tmp_path, capsys):
-    net, info = sample.load_network(rand_pt, preset="tiny16")
+    net, info = runs.load_network(rand_pt, preset="tiny16")
     saved = torch.load(rand_pt, weights_only=True)
     assert info["source"] == "reference" and info["sigma_max"] == 80.0
     assert all(torch.equal(saved[k], v) for k, v in net.model.state_dict().items())
@@ -187,7 +187,7 @@ def test_run_dir_checkpoint_dir_and_export_sample_alike(run_dir, tmp_path):
     same_files(outs[0] / "images", outs[1] / "images")
     same_files(outs[0] / "images", outs[2] / "images")
     # --ema by rate names the run's EMA
-    net, info = sample.load_network(str(run_dir), "0.9999")
+    net, info = runs.load_network(str(run_dir), "0.9999")
     assert info["network"] == "ema_0_9999" and info["nimg"] == 16
 
 

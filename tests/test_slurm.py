@@ -373,11 +373,11 @@ def test_recipe_end_to_end_preempt_requeue_resume(e2e):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
     import torch
 
-    from cmscale.export import load_run_network
+    from cmscale.runs import load_run
 
     for which in ("online", "target", "ema_0_9"):
-        net_a, _, meta_a = load_run_network(str(e.run), which)
-        net_b, _, meta_b = load_run_network(str(e.ref_run), which)
+        net_a, meta_a = load_run(str(e.run), which)
+        net_b, meta_b = load_run(str(e.ref_run), which)
         assert meta_a["nimg"] == meta_b["nimg"] == E2E_STEPS * E2E_BATCH
         sa, sb = net_a.state_dict(), net_b.state_dict()
         assert sa.keys() == sb.keys()

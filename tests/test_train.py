@@ -58,11 +58,11 @@ def final_state(run_dir):
     """Weights, optimizer-free: model + target + EMAs of the newest checkpoint, as tensors."""
     from torch.distributed.checkpoint import FileSystemReader  # noqa: F401 (DCP present)
 
-    from cmscale.export import load_run_network
+    from cmscale.runs import load_run
 
     nets = {}
     for which in ("online", "target", "ema_0_9", "ema_0_99"):
-        net, _, meta = load_run_network(str(run_dir), which)
+        net, meta = load_run(str(run_dir), which)
         nets[which] = {k: v.clone() for k, v in net.state_dict().items()}
     return nets, meta
 
@@ -237,7 +237,7 @@ def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
     # a teacher file that does not fit the preset is a clear error before training
     r = train(tmp_path / "bad", cache, "loss.mode=cd", f"loss.teacher={out}",
               "loss.teacher_preset=tiny32")
-    assert r.returncode == 2 and "does not fit preset" in r.stdout
+    assert r.returncode == 2 and "does not fit UNet preset" in r.stdout
     # fp16 with dynamic loss scaling runs on the DDP path
     r = train(tmp_path / "fp16", cache, "train.precision=fp16", "train.total_steps=2",
               "checkpoint.every_images=0")

@@ -21,7 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from cmscale import editing  # noqa: E402
-from cmscale.sample import load_network, save_png  # noqa: E402
+from cmscale.runs import load_network  # noqa: E402
+from cmscale.imageio import save_png  # noqa: E402
 
 
 def digit(index: int, res: int) -> np.ndarray:

@@ -53,10 +53,13 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from cmscale import checkpoint, dist  # noqa: E402
+from cmscale.config import load_config  # noqa: E402
 from cmscale.data.shards import write_json_atomic  # noqa: E402
-from cmscale.evaluation import make_generate, parse_sampler  # noqa: E402
+from cmscale.evaluation import make_generate  # noqa: E402
 from cmscale.metrics import features as F  # noqa: E402
 from cmscale.metrics import fid as M  # noqa: E402
+from cmscale.runs import load_run, network_name  # noqa: E402
+from cmscale.sampler import EDM_KINDS, Sampler  # noqa: E402
 
 CACHE_VERSION = 1
 CSV_FIELDS = ["run", "checkpoint", "nimg", "ema", "sampler", "nfe", "num", "seed", "fid",
@@ -66,30 +69,12 @@ CSV_FIELDS = ["run", "checkpoint", "nimg", "ema", "sampler", "nfe", "num", "seed
 # ----------------------------------------------------------------------------- combinations
 
 
-def run_config(run_dir: str):
-    from cmscale.config import load_config
-
-    return load_config(os.path.join(run_dir, "config.yaml"))
-
-
 def ema_names(cfg, spec: str) -> list[str]:
-    from cmscale.ema import ema_name
-
-    avail = [ema_name(float(r)) for r in cfg.ema.rates]
+    """``--ema``: 'all' (every EMA of the run), '' (the first), or names/rates, comma-separated."""
     if spec == "all":
-        return avail or ["online"]
-    if not spec:
-        return avail[:1] or ["online"]
-    out = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        try:
-            item = ema_name(float(item))
-        except ValueError:
-            pass
-        if item not in avail and item not in ("online", "target"):
-            raise ValueError(f"unknown EMA {item!r}: the run has {avail} (or online/target)")
-        out.append(item)
-    return out
+        return [network_name(str(r), cfg.ema.rates) for r in cfg.ema.rates] or ["online"]
+    return [network_name(item, cfg.ema.rates)
+            for item in ([s.strip() for s in spec.split(",") if s.strip()] or [""])]
 
 
 def select_checkpoints(run_dir: str, every: int, limit: int | None) -> list:
@@ -114,7 +99,7 @@ def file_sha256(path: str) -> str:
 
 def combo_key(c: dict, num: int, seed: int, ext_settings: dict, ref_hash: str) -> str:
     ident = {"v": CACHE_VERSION, "checkpoint": c["checkpoint"], "nimg": c["nimg"], "ema": c["ema"],
-             "sampler": c["sampler"]["name"], "num": num, "seed": seed,
+             "sampler": str(c["sampler"]), "num": num, "seed": seed,
              "extractor": {k: ext_settings.get(k) for k in ("extractor", "weights", "resize",
                                                            "input_resolution", "feature_dim")},
              "ref": ref_hash}
@@ -123,17 +108,18 @@ def combo_key(c: dict, num: int, seed: int, ext_settings: dict, ref_hash: str) -
 
 def build_combos(args) -> list[dict]:
     """All combinations, in a fixed order (run, nimg, EMA, sampler): the same list on every rank."""
-    samplers = [parse_sampler(s) for s in (args.sampler or ["onestep"])]
+    samplers = [Sampler.parse(s) for s in (args.sampler or ["onestep"])]
     combos = []
     for run in args.runs:
         run = os.path.abspath(run)
         if not os.path.isfile(os.path.join(run, "config.yaml")):
             raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
-        cfg = run_config(run)
+        cfg = load_config(os.path.join(run, "config.yaml"))
         emas = ema_names(cfg, args.ema)
         run_samplers = samplers
         if cfg.loss.mode == "edm":
-            run_samplers = [s for s in samplers if s["kind"] == "edm"] or [parse_sampler("edm")]
+            run_samplers = ([s for s in samplers if s.kind in EDM_KINDS]
+                            or [Sampler("edm", steps=18)])
         for ck in select_checkpoints(run, args.every, args.limit_checkpoints):
             for e in emas:
                 for s in run_samplers:
@@ -143,32 +129,6 @@ def build_combos(args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def load_network(run_dir: str, ckpt: str, which: str, device):
-    """(net, cfg, meta) of one checkpoint's network ``which``. Collective under a process group:
-    each rank restores its shard of the EMA (as training does) and the average is all-gathered."""
-    from cmscale.ema import ShardedAverage, ema_name, frozen_copy
-    from cmscale.methods import build_net
-
-    cfg = run_config(run_dir)
-    net = build_net(cfg)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    emas = {ema_name(r): float(r) for r in cfg.ema.rates}
-    state = {"model": checkpoint.ModelOptimizer(net)}
-    avg = target = None
-    if which in emas:
-        avg = ShardedAverage(net, emas[which], rank, world)
-        state["ema"] = {which: checkpoint.FlatShard(avg.local, avg.numel)}
-    elif which == "target":
-        target = ShardedAverage(net, 0.0, rank, world)
-        state["target"] = checkpoint.FlatShard(target.local, target.numel)
-    meta = checkpoint.load(ckpt, state)
-    if avg is not None:
-        net = avg.gather(frozen_copy(net))
-    elif target is not None:
-        net = target.gather(frozen_copy(net))
-    return net.eval().to(device).requires_grad_(False), cfg, meta
 
 
 def read_cache(cache_dir: str, key: str):
@@ -403,29 +363,31 @@ def _main(args, device) -> int:
     computed = 0
     if not args.no_compute:
         loaded = None  # (checkpoint, ema) -> net, reused over samplers
-        net = cfg = None
+        net = info = None
         for c in todo:
             t0 = time.time()
             if loaded != (c["checkpoint"], c["ema"]):
                 net = None
-                net, cfg, _ = load_network(c["run"], c["checkpoint"], c["ema"], device)
+                # collective: each rank restores its shard of the average, then all-gather
+                net, info = load_run(c["run"], c["ema"], c["checkpoint"], device)
                 loaded = (c["checkpoint"], c["ema"])
-            generate, nfe = make_generate(net, cfg, c["sampler"], args.seed,
-                                          min(args.batch_size, args.num), device)
+            generate = make_generate(net, info, c["sampler"], args.seed,
+                                     min(args.batch_size, args.num), device)
+            nfe = c["sampler"].nfe
             stats = M.compute_stats_from_generator(generate, args.num, extractor,
                                                    batch_size=args.batch_size, max_kept=0)
             res = M.fid_from_stats(stats, ref)
             secs = time.time() - t0
             if dist.is_main():
                 entry = {"run": c["run"], "checkpoint": c["checkpoint"], "nimg": c["nimg"],
-                         "ema": c["ema"], "sampler": c["sampler"]["name"], "nfe": nfe,
+                         "ema": c["ema"], "sampler": str(c["sampler"]), "nfe": nfe,
                          "num": args.num, "seed": args.seed, "fid": float(res.fid),
                          "extractor": ext_settings.get("extractor"), "ref": os.path.abspath(args.ref),
                          "ref_sha256": ref_hash, "seconds": round(secs, 2), "key": c["key"],
                          "world_size": dist.get_world_size()}
                 write_json_atomic(os.path.join(cache_dir, c["key"] + ".json"), entry)
             computed += 1
-            dist.print0(f"  nimg {c['nimg']:>10} {c['ema']:<14} {c['sampler']['name']:<18} "
+            dist.print0(f"  nimg {c['nimg']:>10} {c['ema']:<14} {str(c['sampler']):<18} "
                         f"FID {res.fid:9.4f}  ({secs:.1f} s)", flush=True)
     dist.print0(f"fid_report: computed {computed}, cache hits {cached}", flush=True)
 

@@ -106,6 +106,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cmscale.runs import load_network  # noqa: E402
+from cmscale.sampler import Sampler  # noqa: E402
+from cmscale.sampling import PerImageNoise, ts_to_sigmas  # noqa: E402
+
 # ----------------------------------------------------------------------------- settings
 
 # The trainer's defaults plus the explicit overrides below (the quickstart's network and data,
@@ -332,56 +336,41 @@ class Evaluator:
         return self.fd_of(lambda idx: imgs[pick[idx]], num)
 
 
-def make_generate(net, res: int, seed: int, sampler: dict, sigma_min=0.002, sigma_max=80.0,
-                  rho=7.0):
+def make_generate(net, res: int, seed: int, sampler: Sampler):
     """generate(indices) for one sampler; a pure function of the image indices."""
-    from cmscale import schedules
-    from cmscale.sampling import PerImageNoise, sample_sigmas
-    from cmscale.solvers import edm_sample, euler_step
-
     shape = (3, res, res)
 
     @torch.no_grad()
     def generate(idx):
-        noise = PerImageNoise(seed, [int(i) for i in idx], shape)
-        kind = sampler["kind"]
-        if kind == "heun":
-            return edm_sample(net, noise.next(), sampler["steps"], sigma_min=sigma_min,
-                              sigma_max=sigma_max, rho=rho)
-        if kind == "euler":
-            n = sampler["steps"]
-            levels = schedules.karras_sigmas(n + 1, sigma_min, sigma_max, rho)
-            levels[-1] = 0.0
-            x = noise.next() * float(levels[0])
-            for a, b in zip(levels[:-1], levels[1:]):
-                x = euler_step(net, x, float(a), float(b))
-            return x.clamp(-1, 1)
-        return sample_sigmas(net, noise, sampler["sigmas"], sigma_min=sigma_min,
-                             sigma_max=sigma_max)
+        return sampler.run(net, PerImageNoise(seed, [int(i) for i in idx], shape))
 
     return generate
 
 
+def sampler_row(spec: Sampler, name: str, key: str, **extra) -> dict:
+    """A sampler of the table: its specification (``str``), NFE, label and cell key."""
+    return dict(spec=str(spec), nfe=spec.nfe, name=name, key=key, **extra)
+
+
 def samplers_for(method: str, s: dict, searched: dict | None = None) -> list:
     """The samplers of one network. ``searched``: the ternary-searched two-step setting."""
-    from cmscale.sampling import ts_to_sigmas
-
     if METHODS[method]["mode"] == "edm":
-        out = [dict(kind="heun", steps=k, nfe=2 * k - 1, name=f"Heun {k} steps")
+        out = [sampler_row(Sampler("edm", steps=k), f"Heun {k} steps", f"heun{2 * k - 1}")
                for k in s["heun_steps"]]
-        out += [dict(kind="euler", steps=k, nfe=k, name=f"Euler {k} steps")
+        out += [sampler_row(Sampler("euler", steps=k), f"Euler {k} steps", f"euler{k}")
                 for k in s["euler_steps"]]
         return out
     fam = TWO_STEP[METHODS[method]["family"]]
     levels, _ = ts_to_sigmas(fam["ts"], fam["steps"])
-    out = [dict(kind="cm", sigmas=[80.0], nfe=1, name="1 step", key="cm1")]
+    out = [sampler_row(Sampler("onestep"), "1 step", "cm1")]
     if searched is not None:
-        out.append(dict(kind="cm", sigmas=[80.0, searched["mid_sigma"]], nfe=2, key="cm2",
-                        name=f"2 steps, searched mid {searched['mid_sigma']:.3g}",
-                        mid_sigma=searched["mid_sigma"]))
-    out.append(dict(kind="cm", sigmas=[80.0, float(levels[1])], nfe=2, key="cm2pub",
-                    name=f"2 steps, published ts (mid {levels[1]:.3g})",
-                    mid_sigma=float(levels[1]), source=fam["source"]))
+        mid = searched["mid_sigma"]
+        out.append(sampler_row(Sampler("sigmas", sigmas=(80.0, mid)),
+                               f"2 steps, searched mid {mid:.3g}", "cm2", mid_sigma=mid))
+    mid = float(levels[1])
+    out.append(sampler_row(Sampler("sigmas", sigmas=(80.0, mid)),
+                           f"2 steps, published ts (mid {mid:.3g})", "cm2pub", mid_sigma=mid,
+                           source=fam["source"]))
     return out
 
 
@@ -399,7 +388,7 @@ def ternary_search_mid(ev, net, s: dict) -> dict:
         if p not in cache:
             sig = float(schedules.karras_sigma_at(p, G))
             cache[p] = ev.fd_of(make_generate(net, s["resolution"], seed,
-                                              dict(kind="cm", sigmas=[80.0, sig])), num)
+                                              Sampler("sigmas", sigmas=(80.0, sig))), num)
         return cache[p]
 
     left, right = 1, G - 2
@@ -414,13 +403,6 @@ def ternary_search_mid(ev, net, s: dict) -> dict:
             "search_seed": seed, "num": num,
             "evaluated": {str(p): {"mid_sigma": float(schedules.karras_sigma_at(p, G)), "fd": v}
                           for p, v in sorted(cache.items())}}
-
-
-def load_eval_net(run_dir: str, ema: str):
-    from cmscale.export import load_run_network
-
-    net, _, meta = load_run_network(run_dir, ema)
-    return net.eval().requires_grad_(False), meta
 
 
 def ema_name_of(rate: float) -> str:
@@ -560,9 +542,7 @@ def toy_checks(toy: dict) -> list:
 
 
 def cell_key(method: str, sampler: dict) -> str:
-    if sampler["kind"] == "cm":
-        return f"{method}|{sampler['key']}"
-    return f"{method}|{sampler['kind']}{sampler['nfe']}"
+    return f"{method}|{sampler['key']}"
 
 
 def write_table(res: dict, path: str) -> str:
@@ -848,12 +828,10 @@ def main(argv=None) -> int:
     for m in methods:
         for seed in s["train_seeds"]:
             if m == "edm":
-                from cmscale.sample import load_network
-
                 net, _ = load_network(teachers[seed])  # the exported file, as CD reads it
                 smps = samplers_for(m, s)
             else:
-                net, _ = load_eval_net(runs[(m, seed)]["run_dir"], ema)
+                net, _ = load_network(runs[(m, seed)]["run_dir"], ema)
                 found = ternary_search_mid(ev, net, s)
                 searches[f"{m}|seed{seed}"] = found
                 log(f"search {METHODS[m]['label']} seed {seed}: mid sigma {found['mid_sigma']:.4g} "
@@ -864,7 +842,7 @@ def main(argv=None) -> int:
             samplers.setdefault(m, smps)
             for smp in smps:
                 for sseed in s["sample_seeds"]:
-                    gen = make_generate(net, s["resolution"], sseed, smp)
+                    gen = make_generate(net, s["resolution"], sseed, Sampler.parse(smp["spec"]))
                     fd = ev.fd_of(gen, s["num_eval"])
                     values.setdefault(cell_key(m, smp), []).append(fd)
                     if seed == s["train_seeds"][0] and sseed == s["sample_seeds"][0]:
@@ -885,13 +863,12 @@ def main(argv=None) -> int:
         sweep = {"train_seed": seed, "sample_seed": sseed, "methods": cm_methods, "rows": [],
                  "one_step": {}}
         for m in cm_methods:
-            net, _ = load_eval_net(runs[(m, seed)]["run_dir"], ema)
+            net, _ = load_network(runs[(m, seed)]["run_dir"], ema)
             sweep["one_step"][m] = ev.fd_of(make_generate(net, s["resolution"], sseed,
-                                                          dict(kind="cm", sigmas=[80.0])),
-                                            s["num_eval"])
+                                                          Sampler("onestep")), s["num_eval"])
             for mid in s["mid_sweep"]:
                 fd = ev.fd_of(make_generate(net, s["resolution"], sseed,
-                                            dict(kind="cm", sigmas=[80.0, float(mid)])),
+                                            Sampler("sigmas", sigmas=(80.0, float(mid)))),
                               s["num_eval"])
                 sweep["rows"].append({"method": m, "mid_sigma": float(mid), "fd": fd})
             mine = [r for r in sweep["rows"] if r["method"] == m]
@@ -912,7 +889,7 @@ def main(argv=None) -> int:
         checks += toy_checks(toy)
     table = []
     for m in methods:
-        for smp in sorted(samplers[m], key=lambda x: (x["nfe"], x["kind"])):
+        for smp in sorted(samplers[m], key=lambda x: (x["nfe"], x["key"])):
             k = cell_key(m, smp)
             table.append({"method": m, "label": METHODS[m]["label"], "sampler": smp["name"],
                           "nfe": smp["nfe"], "key": k, "fd": cells[k]})

@@ -15,7 +15,7 @@ from torch import nn
 from .. import losses
 from ..config import Config
 from ..networks import ConsistencyPrecond
-from ..sampling import sample_onestep, sample_ts
+from ..sampler import Sampler
 
 
 class Method:
@@ -56,15 +56,11 @@ class Method:
                 f"lags the network for much of a run this short (for CT, lower loss.start_ema "
                 f"or loss.end_scales, or train longer)")
 
-    def preview(self, net, noise, labels) -> list:
-        """Sample panels for the preview grid: one step, and ``sample.ts``/``steps``.
-
-        ``noise()`` gives a fresh per-image noise stream for each panel."""
-        cfg = self.cfg
-        grid = dict(sigma_min=cfg.net.sigma_min, sigma_max=cfg.net.sigma_max)
-        return [sample_onestep(net, noise(), labels, **grid),
-                sample_ts(net, noise(), cfg.sample.ts, cfg.sample.steps, labels,
-                          rho=cfg.net.rho, **grid)]
+    def preview(self) -> list[Sampler]:
+        """The samplers of the preview grid's panels: one step, and ``sample.ts``/``steps``."""
+        sc = self.cfg.sample
+        return [Sampler("onestep"),
+                Sampler("ts", ts=tuple(int(t) for t in sc.ts), steps=int(sc.steps))]
 
 
 def consistency_kwargs(cfg: Config, device) -> dict:

@@ -12,8 +12,8 @@ import torch
 
 from .. import losses, schedules
 from ..config import Config
+from ..netfile import load_strict
 from ..networks import EDMPrecond, create_unet
-from ..weights import load_state_dict
 from .base import Method, consistency_kwargs
 
 
@@ -21,13 +21,7 @@ def build_teacher(cfg: Config, device) -> torch.nn.Module:
     """The CD teacher: an EDM denoiser from a weights file (ours, or a reference edm_*.pt)."""
     preset = cfg.loss.teacher_preset or cfg.net.preset
     raw = create_unet(preset, **{**cfg.net.overrides, "dropout": cfg.loss.teacher_dropout})
-    state = load_state_dict(cfg.loss.teacher)
-    try:
-        raw.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
-        first = str(e).strip().splitlines()[:3]
-        raise ValueError(f"teacher {cfg.loss.teacher} does not fit preset {preset!r} "
-                         f"(loss.teacher_preset): {' '.join(first)}") from None
+    load_strict(raw, cfg.loss.teacher, preset, what="loss.teacher")
     teacher = EDMPrecond(raw, sigma_data=cfg.net.sigma_data, sigma_min=cfg.net.sigma_min,
                          sigma_max=cfg.net.sigma_max)
     return teacher.to(device).eval().requires_grad_(False)
@@ -48,13 +42,7 @@ class CD(Method):
         student, as the reference's CD does (a resume then loads its checkpoint over them)."""
         cfg = self.cfg
         if cfg.loss.init_from_teacher:
-            state = load_state_dict(cfg.loss.teacher)
-            try:
-                net.model.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[:3]
-                raise ValueError(f"loss.init_from_teacher: teacher {cfg.loss.teacher} does not "
-                                 f"fit the student preset {cfg.net.preset!r}: "
-                                 f"{' '.join(first)}") from None
+            load_strict(net.model, cfg.loss.teacher, cfg.net.preset,
+                        what="loss.init_from_teacher: loss.teacher")
         self.loss_fn = losses.CDLoss(build_teacher(cfg, self.device), solver=cfg.loss.solver,
                                      **consistency_kwargs(cfg, self.device))

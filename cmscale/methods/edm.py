@@ -10,7 +10,7 @@ from __future__ import annotations
 from .. import losses
 from ..config import Config
 from ..networks import EDMPrecond
-from ..solvers import edm_sample
+from ..sampler import Sampler
 from .base import Method
 
 
@@ -23,7 +23,5 @@ class EDM(Method):
     def logs(self, step: int) -> dict:
         return {}
 
-    def preview(self, net, noise, labels) -> list:
-        grid = dict(sigma_min=self.cfg.net.sigma_min, sigma_max=self.cfg.net.sigma_max)
-        z = noise().next()
-        return [edm_sample(net, z, 1, labels, **grid), edm_sample(net, z, 18, labels, **grid)]
+    def preview(self) -> list[Sampler]:
+        return [Sampler("edm", steps=1), Sampler("edm", steps=18)]
