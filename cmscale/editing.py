@@ -72,7 +72,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import schedules
+from . import dist, schedules
 from .imageio import save_png, to_uint8
 from .sampling import PerImageNoise, ts_to_sigmas
 from .runs import load_network
@@ -375,7 +375,6 @@ def main(argv=None) -> int:
 
 @torch.no_grad()
 def run(args) -> int:
-    from . import dist
 
     if args.num < 1 or args.batch_size < 1:
         raise ValueError("--num and --batch-size must be >= 1")

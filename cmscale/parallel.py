@@ -72,7 +72,7 @@ commit marker ``commit.json`` is written last in both cases, so a killed save is
   and data state. Resharded on load: resuming at another world size works.
 - DeepSpeed: the same DCP entries, except that ``model`` holds the module weights only (full
   fp32 tensors, gathered under ZeRO-3, master values under fp16), so ``cmscale export``,
-  evaluation and ``load_run_network`` read a ZeRO run like any other. The partitioned
+  evaluation and ``cmscale.runs.load_run`` read a ZeRO run like any other. The partitioned
   optimizer state, fp32 master partitions, loss scale and DeepSpeed's step counters are written
   by DeepSpeed's own ``engine.save_checkpoint(nimg-N, tag="deepspeed")`` into
   ``nimg-N/deepspeed/`` (``mp_rank_00_model_states.pt`` and one
@@ -265,7 +265,7 @@ class ModuleWeights:
     """Checkpoint entry ``model`` of a DeepSpeed run: the module's full fp32 weights.
 
     Same keys as ``checkpoint.ModelOptimizer(net)`` without optimizer, so ``export`` and
-    ``load_run_network`` read it. Copies are taken because ZeRO-3 releases gathered storage.
+    ``cmscale.runs.load_run`` read it. Copies are taken because ZeRO-3 releases gathered storage.
     Saving only: on resume DeepSpeed's own files restore the module."""
 
     def __init__(self, engine):

@@ -16,7 +16,10 @@ import math
 
 import torch
 
-from . import schedules
+from . import losses, schedules
+from .ema import frozen_copy, update_average
+from .networks import MLP, ConsistencyPrecond
+from .sampling import PerImageNoise, sample_sigmas
 from .solvers import heun_step
 
 
@@ -92,10 +95,6 @@ def train_toy(method: str, gm: GaussianMixture, steps: int = 3000, batch: int = 
     CD: N = ``cd_num_scales``, target mu = 0.95, Heun teacher.
     CT: the reference's adaptive curriculum (``ct_s0``, ``ct_s1``, ``ct_mu0``) over ``steps``.
     """
-    from . import losses
-    from .ema import frozen_copy, update_average
-    from .networks import MLP, ConsistencyPrecond
-
     if method not in ("cd", "ct", "ict"):
         raise ValueError(f"method must be 'cd', 'ct' or 'ict', got {method!r}")
     torch.manual_seed(seed)
@@ -134,7 +133,6 @@ def evaluate_toy(net, gm: GaussianMixture, n: int = 2000, seed: int = 1234,
     - ``mode_dist_1``/``mode_dist_2``: mean distance of one-/two-step samples to the nearest
       mode centre, against ``mode_dist_data`` for real samples.
     """
-    from .sampling import PerImageNoise, sample_sigmas
 
     noise = PerImageNoise(seed, range(n), (gm.dim,))
     z = PerImageNoise(seed, range(n), (gm.dim,)).next()

@@ -44,7 +44,7 @@
 #
 # Sourcing this file (`source launch/common.sh`) only defines the cmscale_* functions.
 
-# Must match cmscale.dist.EXIT_REQUEUE (tests/test_launch.py checks it).
+# Must match cmscale.dist.EXIT_REQUEUE (tests/e2e/test_launch.py checks it).
 CMSCALE_DEFAULT_EXIT_REQUEUE=75
 
 cmscale_log() { echo "[cmscale-launch $(date +%H:%M:%S)] $*" >&2; }

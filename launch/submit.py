@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # cmscale.dist.EXIT_REQUEUE (kept here as a literal so that submitting needs no torch;
-# tests/test_launch.py checks that the two agree).
+# tests/e2e/test_launch.py checks that the two agree).
 EXIT_REQUEUE = 75
 
 _STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)

@@ -13,6 +13,9 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..data import load_shard_set  # shard lists as the training loader expands them
+from ..data.embedded import default_cache_dir, ensure_embedded_shards
+from ..data.sources import NpzSource
 from . import fid as M
 
 _IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
@@ -50,7 +53,6 @@ def _tar_samples(url: str):
 
 def _shard_batches(spec, batch_size: int, limit: int | None):
     """(uint8 NCHW batch, global indices) of this rank's samples (sample i to rank i % W)."""
-    from cmscale.data import load_shard_set  # shard lists as the training loader expands them
 
     rank, world = dist.get_rank(), dist.get_world_size()
     shards = load_shard_set(spec)
@@ -86,7 +88,6 @@ def _is_shard_spec(src: str) -> bool:
 def compute(src: str, extractor, *, batch_size: int, limit: int | None, workers: int,
             max_kept: int) -> M.FeatureStats:
     if src.endswith(".npz") and os.path.isfile(src):
-        from cmscale.data.sources import NpzSource
 
         npz = NpzSource(src)  # validates arr_0 (uint8 NHWC) and memory-maps it when possible
         n = len(npz.refs()) if limit is None else min(limit, len(npz.refs()))
@@ -113,7 +114,6 @@ def embedded_stats(name: str, resolution: int, extractor, *, cache_dir: str | No
     The cache file is keyed by the dataset, resolution and the extractor's settings (name,
     weights hash, resize); rank 0 computes and writes it atomically, the others wait and
     read it. Collective under a process group."""
-    from ..data.embedded import default_cache_dir, ensure_embedded_shards
 
     root = cache_dir or default_cache_dir()
     s = extractor.settings()

@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO
+
+ROOT = str(REPO)
 PACKAGE = "cmscale"
 
 
@@ -111,11 +113,6 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-# Files another change is rewriting; their function-level imports are fixed after it lands.
-PENDING = ("cmscale/ema.py", "cmscale/editing.py", "cmscale/toy.py",
-           "cmscale/metrics/refstats.py", "cmscale/data/shardlist.py")
-
-
 def inner_imports() -> list[str]:
     _, found = graph()
     mods = modules()
@@ -123,13 +120,6 @@ def inner_imports() -> list[str]:
             for m in sorted(found) for line, name, inside in found[m] if inside]
 
 
-@pytest.mark.xfail(strict=True, reason="cmscale-internal imports inside functions remain in "
-                   + ", ".join(PENDING))
 def test_no_internal_import_inside_a_function():
     bad = inner_imports()
-    assert not bad, "cmscale-internal imports inside functions:\n" + "\n".join(bad)
-
-
-def test_no_internal_import_inside_a_function_outside_pending_files():
-    bad = [b for b in inner_imports() if not b.startswith(PENDING)]
     assert not bad, "cmscale-internal imports inside functions:\n" + "\n".join(bad)

@@ -1,9 +1,10 @@
-"""Helpers for the data tests (tiny real shards whose pixels encode the sample index), and their checks.
+"""Helpers for the data tests: tiny real shards whose pixels encode the sample index.
 
 An "index image" is a constant-colour RGB image whose (R, G) channels hold the sample index
 (index % 256, index // 256) and whose B channel is 77; column 0 is white, so a horizontal flip
 moves the white column to the right. PNG keeps it exact, so a loaded batch tells which samples
-it holds and whether each was flipped.
+it holds and whether each was flipped (checked by
+tests/unit/test_data_loader.py::test_index_images_round_trip).
 """
 import io
 import json
@@ -100,17 +101,3 @@ def take(loader, n_batches: int) -> list:
     it = iter(loader)
     return [next(it) for _ in range(n_batches)]
 
-
-def test_index_images_round_trip(tmp_path):
-    from cmscale.data import build_loader
-
-    root = write_index_shards(tmp_path, [3, 2])
-    loader = build_loader(root, batch_size_per_rank=5, random_flip=False, class_cond=True)
-    (images, labels), = take(loader, 1)
-    assert sorted(decode_index(images)) == [0, 1, 2, 3, 4]
-    assert labels.dtype == torch.int64 and sorted(labels.tolist()) == [0, 1, 2, 3, 4]
-    assert decode_flipped(images) == [False] * 5
-    assert images.dtype == torch.float32 and images.shape == (5, 3, 8, 8)
-    # (255 -> 1, 77 -> 77 / 127.5 - 1 exactly as the reference computes it in float32)
-    assert images[:, :, :, 0].eq(1.0).all()
-    assert images[0, 2, 0, 1].item() == np.float32(77) / np.float32(127.5) - np.float32(1)

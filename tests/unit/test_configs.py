@@ -7,8 +7,9 @@ import pytest
 
 from cmscale.config import ConfigError, dump_config, load_config
 from cmscale.networks.unet import PRESETS
+from tests.support import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 
 
 def cfg(name, *overrides):

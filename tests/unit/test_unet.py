@@ -7,7 +7,6 @@ random-weight networks with their inputs and reference outputs for both qkv layo
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,9 @@ from cmscale.networks.unet import (
     convert_qkv_layout,
     create_unet,
 )
+from tests import support
 
-FIXTURES = Path(__file__).parent / "fixtures" / "unet"
+FIXTURES = support.FIXTURES / "unet"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 TINY = sorted(MANIFEST["configs"])
 ATOL = 1e-5
@@ -179,7 +179,7 @@ def test_convert_tool_loads_strictly_and_converts(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "convert_reference_ckpt", Path(__file__).parents[1] / "tools" / "convert_reference_ckpt.py"
+        "convert_reference_ckpt", support.REPO / "tools" / "convert_reference_ckpt.py"
     )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)

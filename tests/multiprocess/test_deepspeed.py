@@ -1,8 +1,9 @@
 """The DeepSpeed ZeRO backend and an mpiexec launch, as real runs of the one training loop.
 
-Every run is the tiny CT run of ``test_train`` (digits, 16 px, global batch 8) for 4 steps, with
-``data.streams=2`` and a fixed ``train.micro_batch`` so that runs at different world sizes and
-on different backends see the same data and draw the same noise per sample. Runs are started
+Every run is the tiny CT run of ``test_train`` (``tests.support.training.TINY``: digits, 16 px,
+global batch 8) for 4 steps, with ``data.streams=2`` and a fixed ``train.micro_batch`` so that
+runs at different world sizes and on different backends see the same data and draw the same
+noise per sample. Runs are started
 once per module and shared by the tests that compare them.
 
 Cost: DeepSpeed JIT-compiles its shared-memory comm op on the first run on a machine (20-120 s
@@ -23,8 +24,9 @@ import torch
 from cmscale import checkpoint, dist
 from cmscale.config import load_config
 
-from tests import _launch
-from tests.test_train import ROOT, TINY, final_state, losses_of
+from tests.support import REPO
+from tests.support import launch as _launch
+from tests.support.training import TINY, final_state, losses_of
 
 EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser(
     "~/.cache/cmscale/torch_extensions")
@@ -73,7 +75,7 @@ def _finish(procs, what):
 
 def run_one(run_dir, cache, *extra):
     """One plain process."""
-    p = subprocess.Popen([sys.executable, *_cmd(run_dir, extra)], env=_env(cache), cwd=ROOT,
+    p = subprocess.Popen([sys.executable, *_cmd(run_dir, extra)], env=_env(cache), cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return _finish([p], f"1 process {extra}")
 
@@ -85,7 +87,7 @@ def run_ranks(run_dir, cache, nproc, *extra):
         [sys.executable, *_cmd(run_dir, extra)],
         env=dict(_env(cache), RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),
                  LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(nproc)]
     return _finish(procs, f"{nproc} ranks {extra}")
 
@@ -93,7 +95,7 @@ def run_ranks(run_dir, cache, nproc, *extra):
 def run_mpiexec(run_dir, cache, nproc, *extra):
     mpiexec = _launch.mpiexec_path()
     p = subprocess.Popen([mpiexec, "-n", str(nproc), sys.executable, *_cmd(run_dir, extra)],
-                         env=_env(cache), cwd=ROOT, stdout=subprocess.PIPE,
+                         env=_env(cache), cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     return _finish([p], f"mpiexec -n {nproc} {extra}")
 
@@ -221,7 +223,7 @@ def test_resume_at_another_world_size_or_backend_is_a_clear_error(runs):
     for extra, says in ((zero(2), "written by 2 ranks with DeepSpeed ZeRO-2; this run has 1"),
                         (["train.backend=ddp"], "written by train.backend=deepspeed")):
         r = subprocess.run([sys.executable, *_cmd(z2, COMMON + more + extra)],
-                           env=_env(runs.cache), cwd=ROOT, capture_output=True, text=True,
+                           env=_env(runs.cache), cwd=REPO, capture_output=True, text=True,
                            timeout=TIMEOUT)
         assert r.returncode == 2 and says in r.stderr, r.stdout + r.stderr
     assert checkpoint.latest_checkpoint(z2, warn=False).nimg == 32  # nothing written

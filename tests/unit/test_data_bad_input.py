@@ -15,7 +15,7 @@ from PIL import Image
 
 from cmscale.data import BadInputError, BadInputWarning, build_loader, center_crop_arr
 from cmscale.data.images import prepare_image
-from tests.test_data_helpers import decode_index, index_sample, jpeg_bytes, png16_bytes, png_bytes, write_tar
+from tests.support.data import decode_index, index_sample, jpeg_bytes, png16_bytes, png_bytes, write_tar
 
 R = 8
 

@@ -9,13 +9,15 @@ import subprocess
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from cmscale.data import BadInputWarning, ShardOpenError, build_loader, center_crop_arr
 from cmscale.data.order import Layout, flip_bit
-from tests.test_data_helpers import decode_flipped, decode_index, index_sample, take, write_index_shards, write_tar
+from tests.support import REPO
+from tests.support.data import decode_flipped, decode_index, index_sample, take, write_index_shards, write_tar
 
 UNEQUAL = [10, 0, 31, 7, 40, 15]  # N = 103: not a multiple of anything below; one empty shard
 
@@ -26,6 +28,20 @@ def worker_streams(batches, K: int, first: int = 0):
     for j, (images, _) in enumerate(batches):
         streams[(first + j) % K] += list(zip(decode_index(images), decode_flipped(images)))
     return streams
+
+
+def test_index_images_round_trip(tmp_path):
+    """The helpers of tests/support/data.py: index images load back as their indices, unflipped."""
+    root = write_index_shards(tmp_path, [3, 2])
+    loader = build_loader(root, batch_size_per_rank=5, random_flip=False, class_cond=True)
+    (images, labels), = take(loader, 1)
+    assert sorted(decode_index(images)) == [0, 1, 2, 3, 4]
+    assert labels.dtype == torch.int64 and sorted(labels.tolist()) == [0, 1, 2, 3, 4]
+    assert decode_flipped(images) == [False] * 5
+    assert images.dtype == torch.float32 and images.shape == (5, 3, 8, 8)
+    # (255 -> 1, 77 -> 77 / 127.5 - 1 exactly as the reference computes it in float32)
+    assert images[:, :, :, 0].eq(1.0).all()
+    assert images[0, 2, 0, 1].item() == np.float32(77) / np.float32(127.5) - np.float32(1)
 
 
 def test_each_sample_exactly_once_per_epoch_2_ranks_x_2_workers(tmp_path):
@@ -303,8 +319,7 @@ def test_a_program_ending_with_a_live_loader_exits(tmp_path, how):
 
         train()
     """))
-    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == (1 if how == "exception" else 0), proc.stderr[-2000:]
     if how == "exception":

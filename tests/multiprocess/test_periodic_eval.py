@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from cmscale.config import ConfigError, load_config
+from tests.support import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 
 RUN = [
     "data.shards=embedded:sklearn:digits", "data.resolution=8", "data.num_workers=0",

@@ -12,17 +12,10 @@ import torch
 
 from cmscale import checkpoint
 from cmscale.config import ConfigError, load_config
+from tests.support import REPO
+from tests.support.training import TINY, final_state, losses_of
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A tiny CT run on the embedded digits: 16 px, batch 8, 6 steps, checkpoint at step 3.
-TINY = [
-    "data.shards=embedded:sklearn:digits", "data.resolution=16", "data.num_workers=1",
-    "net.preset=tiny16", "loss.mode=ct", "train.total_steps=6", "train.global_batch=8",
-    "ema.rates=[0.9,0.99]", "checkpoint.every_images=24", "checkpoint.keep_last=5",
-    "log.every_steps=1", "log.progress_bar=false", "log.tensorboard=false",
-    "sample.num_grid=4", "optim.lr=1e-3",
-]
+ROOT = str(REPO)
 
 
 def _env(tmp_cache):
@@ -38,9 +31,9 @@ def cache(tmp_path_factory):
 
 
 def train(run_dir, cache, *extra, background=False, nproc=1, nan_at=()):
-    """``nan_at``: steps whose loss is made NaN (tests/_nan_train.py)."""
+    """``nan_at``: steps whose loss is made NaN (tests/support/nan_train.py)."""
     if nproc == 1:
-        module = "tests._nan_train" if nan_at else "cmscale.train"
+        module = "tests.support.nan_train" if nan_at else "cmscale.train"
         cmd = [sys.executable, "-m", module, "--run-dir", str(run_dir), *TINY, *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -52,24 +45,6 @@ def train(run_dir, cache, *extra, background=False, nproc=1, nan_at=()):
     if background:
         return subprocess.Popen(cmd, **kw)
     return subprocess.run(cmd, timeout=600, **kw)
-
-
-def final_state(run_dir):
-    """Weights, optimizer-free: model + target + EMAs of the newest checkpoint, as tensors."""
-    from torch.distributed.checkpoint import FileSystemReader  # noqa: F401 (DCP present)
-
-    from cmscale.runs import load_run
-
-    nets = {}
-    for which in ("online", "target", "ema_0_9", "ema_0_99"):
-        net, meta = load_run(str(run_dir), which)
-        nets[which] = {k: v.clone() for k, v in net.state_dict().items()}
-    return nets, meta
-
-
-def losses_of(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
 def test_bad_config_is_a_clear_error_before_work(tmp_path, cache):

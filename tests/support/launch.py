@@ -1,4 +1,4 @@
-"""Start tests/_dist_worker.py as several ranks and collect their results.
+"""Start tests/support/dist_worker.py as several ranks and collect their results.
 
 Ranks are started the way a cluster would start them: real ``torchrun`` and
 ``mpiexec``, or two plain processes given the environment torchrun or ``srun``
@@ -16,8 +16,9 @@ import sys
 import time
 import warnings
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-WORKER = str(REPO / "tests" / "_dist_worker.py")
+from tests.support import REPO
+
+WORKER = str(REPO / "tests" / "support" / "dist_worker.py")
 TIMEOUT = 90  # seconds for one multi-process scenario; they take about 5-10 s
 
 # Launcher variables of the surrounding shell must not leak into the ranks
@@ -49,7 +50,7 @@ def free_port() -> int:
 
 
 def start_ranks(scenario: str, out: pathlib.Path, rank_envs: list[dict[str, str]]):
-    """One ``python _dist_worker.py`` per env; returns the Popen objects."""
+    """One ``python dist_worker.py`` per env; returns the Popen objects."""
     return [
         subprocess.Popen(
             [sys.executable, WORKER, scenario, str(out)], env=clean_env(**e),

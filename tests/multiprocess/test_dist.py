@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cmscale import dist
-from tests import _launch
+from tests.support import launch as _launch
 
 
 @pytest.fixture(autouse=True)

@@ -14,9 +14,8 @@ from PIL import Image
 
 from cmscale.data import build_loader, center_crop_arr, ensure_embedded_shards, make_shards
 from cmscale.data.sources import EmbeddedSource, _npz_member
-from tests.test_data_helpers import decode_index, index_array, jpeg_bytes, png_bytes, take
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+from tests.support.data import decode_index, index_array, jpeg_bytes, png_bytes, take
 
 
 def test_folder_tree_classes_conversions_and_skips(tmp_path):

@@ -3,12 +3,12 @@
 Needs a running cluster with 2 free CPUs, e.g. this machine's:
 
     bash tools/local_slurm.sh up && export SLURM_CONF=/tmp/cmscale-slurm/slurm.conf
-    python -m pytest -m slurm tests/test_slurm.py
+    python -m pytest -m slurm tests/e2e/test_slurm.py
 
 Skipped when ``sinfo`` does not answer. Without SLURM_CONF the test looks for the
 configuration tools/local_slurm.sh writes ($CMSCALE_SLURM_DIR/slurm.conf).
 
-The first tests use tests/_fake_trainer.py (via CMSCALE_TRAIN_MODULE) and check the
+The first tests use tests/support/fake_trainer.py (via CMSCALE_TRAIN_MODULE) and check the
 launcher's part: launch/quickstart.sh -> launch/common.sh -> `srun -n2` -> launch/task.sh
 -> trainer. The end-to-end tests below run the real recipe script (launch/lsun_cat_ct.sh,
 resources and model sized down on the command line) with the real trainer: preemption,
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import REPO as ROOT
 
 pytestmark = pytest.mark.slurm
 
@@ -80,7 +80,7 @@ def _submit_fake(tmp_path: Path, env: dict[str, str], overrides=(), **extra_env)
     config = tmp_path / "fake.yaml"
     config.write_text("{}\n")
     log = tmp_path / "job.out"
-    env.update(CMSCALE_ROOT=str(ROOT), CMSCALE_TRAIN_MODULE="tests._fake_trainer",
+    env.update(CMSCALE_ROOT=str(ROOT), CMSCALE_TRAIN_MODULE="tests.support.fake_trainer",
                CMSCALE_CONFIG=str(config), CMSCALE_PYTHON=sys.executable, RUN_DIR=str(run_dir),
                FAKE_TRAINER_WAIT_S="60", **extra_env)
     submit = subprocess.run(

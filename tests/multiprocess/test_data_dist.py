@@ -1,22 +1,19 @@
 """Two real processes (torchrun, gloo), each with 2 DataLoader workers: one epoch covers every sample once."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.test_data_helpers import write_index_shards
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.data import write_index_shards
+from tests.support.launch import clean_env
 
 SCRIPT = r'''
 import json, os, sys
 import torch
 import torch.distributed as dist
 from cmscale.data import build_loader
-from tests.test_data_helpers import decode_index
+from tests.support.data import decode_index
 
 root, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -42,7 +39,7 @@ def test_torchrun_two_ranks_each_sample_once_per_epoch(tmp_path):
     root = write_index_shards(tmp_path / "shards", [30, 18, 25, 23])
     script, out = tmp_path / "run.py", tmp_path / "result.json"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = clean_env()  # the repository on PYTHONPATH, one thread, no launcher variables
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), root, str(out)], env=env, capture_output=True, text=True, timeout=240)
     # A rank may abort at interpreter exit after all work is done (seen on these machines):

@@ -1,4 +1,4 @@
-"""``python -m tests._nan_train ARGS`` is ``python -m cmscale.train ARGS`` with a fault: the
+"""``python -m tests.support.nan_train ARGS`` is ``python -m cmscale.train ARGS`` with a fault: the
 first micro-batch loss of every step listed in ``CMSCALE_TEST_NAN_AT`` (comma-separated
 step numbers) is NaN."""
 

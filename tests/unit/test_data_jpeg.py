@@ -15,7 +15,7 @@ from PIL import Image
 from cmscale.data import build_loader, center_crop_arr
 from cmscale.data.images import BadInput, fast_jpeg_decoder, prepare_image
 from cmscale.data.order import Layout, flip_bit
-from tests.test_data_helpers import write_tar
+from tests.support.data import write_tar
 
 
 def _photo(rng, size: int) -> np.ndarray:

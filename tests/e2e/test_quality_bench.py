@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+
+ROOT = REPO
 SCRIPT = ROOT / "benchmarks" / "quality" / "run.py"
 
 METHODS = ["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_rinit"]

@@ -1,6 +1,7 @@
-"""One rank of a multi-process test; started by tests/test_dist.py and test_checkpoint.py.
+"""One rank of a multi-process test; started by tests/multiprocess/test_dist.py and
+test_checkpoint_ranks.py (through tests/support/launch.py).
 
-    python tests/_dist_worker.py SCENARIO OUT_DIR
+    python tests/support/dist_worker.py SCENARIO OUT_DIR
 
 The launcher (torchrun, mpiexec, or a hand-made torchrun/SLURM environment) decides
 rank and world size; ``cmscale.dist.init()`` must find them. Each rank writes
@@ -27,7 +28,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script: the repository (tests/support/../..) must be importable; launch.clean_env
+# sets PYTHONPATH too, this covers a hand-run worker.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from cmscale import checkpoint as ck  # noqa: E402
 from cmscale import dist  # noqa: E402
 

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO
+
+ROOT = str(REPO)
 
 
 def _run(cmd, env, timeout=120):

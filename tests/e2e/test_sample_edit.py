@@ -19,10 +19,11 @@ from PIL import Image
 from cmscale import editing, runs, sample
 from cmscale.networks import create_unet
 from cmscale.sampling import PerImageNoise
-from tests._launch import clean_env, free_port
+from tests import support
+from tests.support.launch import clean_env, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "unet")
+ROOT = str(support.REPO)
+FIXTURES = str(support.FIXTURES / "unet")
 LUMA = np.array(editing.LUMA)
 
 

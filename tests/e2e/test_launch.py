@@ -2,7 +2,7 @@
 the task wrapper's exit-code mapping, launch/submit.py's recipes, sweeps and its local
 (submitit) requeue path, and launch/mpi.sh under mpiexec.
 
-The same launcher against a real SLURM is tests/test_slurm.py.
+The same launcher against a real SLURM is tests/e2e/test_slurm.py.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import REPO as ROOT
 LAUNCH = ROOT / "launch"
 COMMON = LAUNCH / "common.sh"
 RECIPES = ["lsun_cat_ct", "lsun_bedroom_cd", "imagenet64_cd", "imagenet64_ct", "cifar10_ict", "quickstart"]
@@ -51,7 +51,7 @@ def _fake_env(tmp_path: Path, **extra) -> dict[str, str]:
     config.write_text("{}\n")
     env = dict(os.environ)
     env.update(
-        CMSCALE_TRAIN_MODULE="tests._fake_trainer",
+        CMSCALE_TRAIN_MODULE="tests.support.fake_trainer",
         CMSCALE_CONFIG=str(config),
         CMSCALE_PYTHON=sys.executable,
         OMP_NUM_THREADS="1",
@@ -329,7 +329,7 @@ def test_mpi_launcher_stop_and_resume(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# launch/eval_fid.sh and launch/fid_report.sh (the FID jobs; on SLURM: tests/test_slurm.py)
+# launch/eval_fid.sh and launch/fid_report.sh (the FID jobs; on SLURM: tests/e2e/test_slurm.py)
 
 
 def _fid_script(tmp_path: Path, script: str, *args, **env_extra) -> subprocess.CompletedProcess:

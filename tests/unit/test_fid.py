@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from cmscale.metrics import features as F
 from cmscale.metrics import fid as M
+from tests.support import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 
 
 def _rand_net(dim: int = 16, seed: int = 0, k: int = 23) -> nn.Module:

@@ -1,0 +1,31 @@
+"""The tiny training run the end-to-end training tests share (tests/multiprocess/test_train.py,
+test_deepspeed.py), and readers of what a run left on disk."""
+import json
+import os
+
+# A tiny CT run on the embedded digits: 16 px, batch 8, 6 steps, checkpoint at step 3.
+TINY = [
+    "data.shards=embedded:sklearn:digits", "data.resolution=16", "data.num_workers=1",
+    "net.preset=tiny16", "loss.mode=ct", "train.total_steps=6", "train.global_batch=8",
+    "ema.rates=[0.9,0.99]", "checkpoint.every_images=24", "checkpoint.keep_last=5",
+    "log.every_steps=1", "log.progress_bar=false", "log.tensorboard=false",
+    "sample.num_grid=4", "optim.lr=1e-3",
+]
+
+
+def final_state(run_dir):
+    """Weights, optimizer-free: model + target + EMAs of the newest checkpoint, as tensors."""
+    from torch.distributed.checkpoint import FileSystemReader  # noqa: F401 (DCP present)
+
+    from cmscale.runs import load_run
+
+    nets = {}
+    for which in ("online", "target", "ema_0_9", "ema_0_99"):
+        net, meta = load_run(str(run_dir), which)
+        nets[which] = {k: v.clone() for k, v in net.state_dict().items()}
+    return nets, meta
+
+
+def losses_of(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
