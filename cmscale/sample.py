@@ -15,7 +15,7 @@ with its ``.json`` beside it), or a public openai/consistency_models ``.pt`` (th
 names the UNet; it must load with strict=True). ``--ema`` picks the network of a run:
 an EMA name (``ema_0_9999``) or rate (``0.9999``), ``online`` or ``target``.
 
-Sampling (REFERENCE.md "Sampling"): one step ``clamp(f(sigma_max z, sigma_max))`` by default;
+Sampling (Song et al. 2023, Algorithm 1): one step ``clamp(f(sigma_max z, sigma_max))`` by default;
 ``--ts/--steps`` is the reference's multistep form (indices into a Karras grid), ``--sigmas`` an
 explicit list of levels. Runs saved in ``edm`` mode are EDM denoisers: they get the Heun
 sampler with ``--steps`` (default 18) instead.
@@ -31,21 +31,9 @@ Outputs, all written atomically (temporary name, then ``os.replace``):
 
 Pixels are ``round((x + 1) * 127.5)`` (the reference truncates instead; 0.5 level darker).
 
-Independence of world size and batch size (STYLE.md, principle 10). Image ``i`` always gets
-noise stream (seed, i) (``sampling.PerImageNoise``) and, for class-conditional networks, a label
-drawn from its own stream (seed, i); rank r makes the indices i = r (mod W). That fixes the
-*inputs* of every image. The *arithmetic* must not depend on the split either, and float32
-kernels are not batch invariant: on CPU a Linear layer gives results differing in the last bit
-(~1e-7) for 3 rows and for 8 rows, which flips a rounded uint8 value now and then. What we
-measured (CPU, MKL/oneDNN): for a *fixed* call shape, a row's result does not depend on its
-position or on the other rows. Hence every network call here has exactly the same shape:
-``min(--batch-size, N)`` rows, the last call of a rank padded with copies of its last image.
-So files are bit-identical for any world size at a given ``--batch-size`` (same hardware and
-thread count). Different ``--batch-size`` values differ by float rounding only (a rare +-1 in a
-uint8); ``--batch-invariant`` evaluates one image per call (call shape 1 whatever the batch
-size), which makes files identical for every batch size too, at a cost (small on CPU, large on
-GPUs). On GPUs, cuDNN/cuBLAS may pick algorithms at run time: set
-``CUBLAS_WORKSPACE_CONFIG=:4096:8`` and use ``--deterministic`` for repeatable bits.
+Files do not depend on the world size, and with ``--batch-invariant`` not on the batch size
+either: image ``i`` gets noise stream (seed, i) and every network call has the same shape
+(``docs/determinism.md``, "Sampling").
 
 Loading happens before the process group exists: ``runs.load_network`` assembles the
 EMA as one process (its sharded state is meant for that), every rank reads the files itself,

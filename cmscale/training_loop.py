@@ -47,10 +47,10 @@ import numpy as np
 import torch
 
 from . import checkpoint, dist, parallel
+from .atomic import write_json
 from .config import Config, dump_config
 from .data import build_loader
 from .data.embedded import ensure_embedded_shards
-from .data.shards import write_json_atomic
 from .ema import ShardedAverage, ShardedTarget, ema_name
 from .evaluation import PeriodicEval
 from .imageio import make_grid, save_png
@@ -325,7 +325,7 @@ class Trainer:
         old_target = None
         if (self.target is not None and self.latest_meta is not None
                 and self.latest_meta.get("target_layout") != "flat"):
-            # written before the target was sharded (cmscale <= 0.1): a whole module
+            # a checkpoint that holds the target as a whole module, not as flat shards
             state["target"] = old_target = self._blank_net()
         meta = checkpoint.load_latest(self.run_dir, state)
         if meta is None:
@@ -498,7 +498,7 @@ class Trainer:
             if math.isfinite(value) and (best is None or value < best["fid"]
                                          or best["nimg"] == nimg):
                 path = checkpoint.checkpoint_path(self.run_dir, nimg)
-                write_json_atomic(os.path.join(self.run_dir, BEST_FILE), {
+                write_json(os.path.join(self.run_dir, BEST_FILE), {
                     "nimg": nimg, "step": self.step, "checkpoint": os.path.relpath(
                         path, self.run_dir), "metric": key, "fid": value,
                     "ema": which or (next(iter(self.emas)) if self.emas else "online"),

@@ -18,12 +18,9 @@ Helpers are not tests: they live in the package ``tests/support/`` (``REPO``, ``
 launching, the index-image shards, the shared tiny training run), which test modules import;
 no test module imports another. Data files the tests compare against are in ``tests/fixtures/``.
 """
-from pathlib import Path
-
 import pytest
 
-from tests.support import FIXTURES, REPO
-from tests.support import launch as _launch
+from tests.support import REPO
 
 MULTIPROCESS = REPO / "tests" / "multiprocess"
 
@@ -33,23 +30,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.resolve().is_relative_to(MULTIPROCESS):
             item.add_marker(pytest.mark.dist)
-
-
-@pytest.fixture(scope="session")
-def repo() -> Path:
-    """The repository root (``tests.support.REPO``): the cwd and PYTHONPATH of subprocesses."""
-    return REPO
-
-
-@pytest.fixture(scope="session")
-def fixtures_dir() -> Path:
-    """``tests/fixtures/`` (``tests.support.FIXTURES``)."""
-    return FIXTURES
-
-
-@pytest.fixture
-def clean_env():
-    """``clean_env(**extra)``: the environment for a subprocess of a test, without the launcher
-    variables of the surrounding shell (SLURM_*, RANK, MASTER_ADDR, ...), with the repository on
-    PYTHONPATH and one OpenMP thread (``tests.support.launch.clean_env``)."""
-    return _launch.clean_env

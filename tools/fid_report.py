@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from cmscale import checkpoint, dist  # noqa: E402
 from cmscale.config import load_config  # noqa: E402
-from cmscale.data.shards import write_json_atomic  # noqa: E402
+from cmscale.atomic import write_json  # noqa: E402
 from cmscale.evaluation import make_generate  # noqa: E402
 from cmscale.metrics import features as F  # noqa: E402
 from cmscale.metrics import fid as M  # noqa: E402
@@ -385,7 +385,7 @@ def _main(args, device) -> int:
                          "extractor": ext_settings.get("extractor"), "ref": os.path.abspath(args.ref),
                          "ref_sha256": ref_hash, "seconds": round(secs, 2), "key": c["key"],
                          "world_size": dist.get_world_size()}
-                write_json_atomic(os.path.join(cache_dir, c["key"] + ".json"), entry)
+                write_json(os.path.join(cache_dir, c["key"] + ".json"), entry)
             computed += 1
             dist.print0(f"  nimg {c['nimg']:>10} {c['ema']:<14} {str(c['sampler']):<18} "
                         f"FID {res.fid:9.4f}  ({secs:.1f} s)", flush=True)

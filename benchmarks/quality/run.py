@@ -141,7 +141,8 @@ PRESETS = {
     ),
 }
 
-# The reference's two-step settings (REFERENCE.md "Sampling"), as (ts, steps) of a Karras grid.
+# The reference's published two-step settings (openai/consistency_models README and
+# scripts/launch.sh), as (ts, steps) of a Karras grid.
 TWO_STEP = {
     "cd": dict(ts=[0, 22, 39], steps=40, source="ImageNet 64 CD, ts=0,22,39 / 40"),
     "ct": dict(ts=[0, 62, 150], steps=151, source="LSUN Cat CT, ts=0,62,150 / 151"),

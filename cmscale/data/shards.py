@@ -128,9 +128,6 @@ def _prepare_out_dir(out_dir: str, overwrite: bool):
             os.remove(f)
 
 
-# The manifest writer under its older name, which the training loop imports.
-write_json_atomic = write_json
-
 
 def make_shards(source, out_dir: str, resolution: int, *, shard_size: int = 1000,
                 image_format: str = "png", quality: int = 95, workers: int = 0, seed: int = 0,
