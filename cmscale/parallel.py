@@ -1,103 +1,12 @@
 """Data-parallel backends: DDP (with fp16's GradScaler), or a DeepSpeed ZeRO engine.
 
 ``build_backend`` returns a ``DDPBackend`` or ``DeepSpeedBackend`` with one interface (see
-``_Backend``): the micro-batch context, backward, the optimizer step (applied or skipped),
-the full fp32 parameters for the target and EMAs, and the backend's checkpoint entries. The
-loop keeps two names: ``net``, the plain preconditioned module (averages, checkpoints,
-export), and ``backend.wrapped``, what the forward pass goes through: ``wrap_ddp(net, info)``
-(DDP, or ``net`` itself in a single process) or ``wrap_deepspeed(net, opt, cfg, info, micro,
-accum)`` (``train.backend=deepspeed``). Both wrap the same module object; the optimizer is
-ours (``build_optimizer``), handed to DeepSpeed with ``zero_allow_untested_optimizer`` so
-DeepSpeed builds no optimizer op of its own.
-
-What each ZeRO stage shards here (W data-parallel ranks)
----------------------------------------------------------
-============  ===========================  ==================================================
-stage         sharded 1/W per rank          full on every rank
-============  ===========================  ==================================================
-DDP           nothing                       params, grads, optimizer state
-ZeRO-1        optimizer state + fp32        params (the module), grads until the step
-              master copy of the params
-ZeRO-2        + gradients (reduce-scatter)  params (the module)
-ZeRO-3        + the params themselves       nothing: a layer's params are all-gathered for its
-              (``p.ds_tensor``)             forward/backward and released again
-============  ===========================  ==================================================
-
-On every backend the evaluation EMAs are sharded 1/W (``ShardedAverage``) and the target
-network is replicated (its forward needs it whole every step).
-
-Precision: ``fp32`` adds no precision section. ``bf16`` is DeepSpeed's ``torch_autocast``
-(bfloat16), *not* its ``bf16`` section: the module keeps fp32 parameters and the forward runs
-under autocast, exactly what the DDP path does, so the two backends mean the same thing by
-bf16 and the averages read exact fp32 weights. ``lower_precision_safe_modules`` is empty so
-gradients are reduced in fp32, as DDP does. ``fp16`` is DeepSpeed's ``fp16`` section (module in
-half precision, fp32 master weights in the optimizer partitions, dynamic loss scale starting
-at ``train.initial_loss_scale`` = 2^20 like the reference, halved and the step skipped on
-overflow: ``hysteresis`` 1). DeepSpeed's CPU accelerator has no fp16: that is an error before
-any work. The fp16 path needs a GPU and is not exercised by the tests on our CPU machines.
-
-Non-finite steps: DeepSpeed itself skips an optimizer step whose global gradient norm is inf
-or NaN, at every stage and precision (the norm is all-reduced, so every rank agrees), zeroes
-the gradients and reports it through ``engine.was_step_applied()``. The DDP backend skips on
-the same condition (gradients are identical on all ranks after the all-reduce). Both backends
-multiply each micro-batch loss by 1 (or NaN if the loss is not finite) before the backward, so
-a non-finite loss always reaches that check; a skipped step updates neither the target nor
-the EMAs.
-
-Target network and evaluation EMAs
-----------------------------------
-Both are updated after an applied step from the full fp32 parameters, which
-``full_parameters(engine)`` provides for the duration of a ``with``:
-
-- ZeRO-1/2, fp32 or bf16: the module's parameters themselves. DeepSpeed all-gathers the updated
-  partitions into them at the end of every step, and they are the fp32 master values.
-- ZeRO-3: the same module, inside ``deepspeed.zero.GatheredParameters`` over all parameters:
-  one extra all-gather of the model per step (the forward gathers the same bytes layer by
-  layer). Then every rank updates the target (replicated: its forward needs it whole every
-  step, see ``training_loop``) and its own 1/W slice of each EMA.
-- fp16 (GPU): the fp32 master values via ``deepspeed.utils.safe_get_full_fp32_param`` (one
-  collective per parameter), not the half-precision module.
-
-The EMAs stay ``ShardedAverage``s (1/W of the flattened parameters per rank, same checkpoint
-entries as with DDP). ZeRO-3 empties the module's parameters, so the loop builds the EMAs from
-the plain module *before* wrapping (right sizes and initial values at every stage) and passes
-the full parameters of ``full_parameters`` to ``ema.update(params)`` after each step.
-
-Checkpoints per backend
------------------------
-Both backends write ``RUN_DIR/checkpoints/nimg-N/`` through ``cmscale.checkpoint.save``, and the
-commit marker ``commit.json`` is written last in both cases, so a killed save is ignored.
-
-- DDP: one DCP checkpoint: model + optimizer (``ModelOptimizer``), target, EMA shards, train
-  and data state. Resharded on load: resuming at another world size works.
-- DeepSpeed: the same DCP entries, except that ``model`` holds the module weights only (full
-  fp32 tensors, gathered under ZeRO-3, master values under fp16), so ``cmscale export``,
-  evaluation and ``cmscale.runs.load_run`` read a ZeRO run like any other. The partitioned
-  optimizer state, fp32 master partitions, loss scale and DeepSpeed's step counters are written
-  by DeepSpeed's own ``engine.save_checkpoint(nimg-N, tag="deepspeed")`` into
-  ``nimg-N/deepspeed/`` (``mp_rank_00_model_states.pt`` and one
-  ``zero_pp_rank_R_mp_rank_00_optim_states.pt`` per rank; fsync'ed by their writers;
-  DeepSpeed also drops its ``zero_to_fp32.py`` converter scripts into ``nimg-N/``). The
-  ``DeepSpeedFiles`` entry of the saved state does that: ``checkpoint.save`` collects an
-  entry's ``state_dict()`` after preparing the directory and before it writes anything or the
-  marker. On resume the DCP entries other than ``model`` are loaded, then
-  ``engine.load_checkpoint`` restores module and optimizer. DeepSpeed unpickles its files with
-  ``weights_only=False``: resume only from run directories you trust.
-
-World-size changes
-------------------
-DDP checkpoints reshard (``cmscale.checkpoint``). DeepSpeed writes one optimizer file per rank
-in its own partition layout; loading it at another world size is only supported through
-DeepSpeed's *universal checkpoints* (offline conversion with
-``python -m deepspeed.checkpoint.ds_to_universal`` and ``"checkpoint": {"load_universal":
-true}``), which this package does not wire up. Resuming a ZeRO checkpoint at another world
-size, with another ZeRO stage, or with the other backend is therefore a clear error
-(``check_resume``) that names the saved and current layouts; resume at the saved world size.
-(Data streams, noise and evaluation EMAs would be world-size independent; only DeepSpeed's
-optimizer files are not.)
-
-Only this module, ``dist``, checkpointing and metrics touch ``torch.distributed``; DeepSpeed is
-imported only when the deepspeed backend is used.
+``_Backend``): the micro-batch context (no_sync / accumulation boundary), backward, the
+optimizer step (applied, or skipped on a non-finite gradient norm on every rank alike), the
+full fp32 parameters for the target and EMA updates, and the backend's checkpoint entries.
+``net`` stays the plain preconditioned module (averages, checkpoints, export);
+``backend.wrapped`` is what the forward pass goes through. What each ZeRO stage shards,
+precision, checkpoints per backend and world-size changes: ``docs/backends.md``.
 """
 
 from __future__ import annotations
