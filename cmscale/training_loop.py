@@ -1,37 +1,14 @@
 """The one training loop: EDM teachers, CD, CT and iCT; DDP or DeepSpeed; any world size.
 
-Runs as a plain process, under torchrun, srun or mpiexec (``cmscale.dist`` finds out which).
-Data flows one way: config -> data -> network + preconditioning -> loss -> optimizer/EMA ->
-checkpoint.
-
-Progress is counted in optimizer steps of the global batch; images seen = step x global
-batch. Randomness of a step (noise, pair indices, dropout) is derived from (seed, step,
-position in the global batch) and not saved, so a resumed run draws what an uninterrupted one
-would have; with ``data.streams`` and ``train.micro_batch`` fixed, runs at different world
-sizes see the same data and the same noise (results then agree to float reduction order).
-
-Re-running the same command in the same run directory resumes from the newest complete
-checkpoint. On SIGUSR1/SIGUSR2/SIGTERM all ranks agree at the next step boundary, save a
-checkpoint and exit with ``dist.EXIT_REQUEUE`` (75), which a launcher turns into a requeue.
-
-Non-finite losses or gradients: the step is skipped on every rank (no optimizer, target or
-EMA update; with fp16 the loss scale is lowered as the reference does); after
-``train.max_nonfinite_steps`` consecutive skipped steps the run stops with exit code
-``EXIT_NONFINITE`` (65) without writing a checkpoint, so the last good one stays the newest.
-
-Sharding of the averages: every evaluation EMA is sharded over data-parallel ranks
-(:class:`cmscale.ema.ShardedAverage`, 1/W each), gathered only for sampling and export. The
-EMA target network (CD, CT) is sharded the same way (:class:`cmscale.ema.ShardedTarget`); its
-forward needs it whole, so it is all-gathered once per step and dropped after the update:
-between steps a rank holds 1/W of it, and checkpoints hold the shards.
-
-Methods (:mod:`cmscale.methods`, chosen by the config) and backends (``train.backend``,
-:mod:`cmscale.parallel`) are objects the loop calls without asking which one it has: the
-method gives the schedule (N, mu) and the per-example loss, the backend the backward pass,
-the optimizer step (applied or skipped) and the full fp32 weights the target and EMAs read.
-``self.net`` is always the plain module; ``self.backend.wrapped`` is what the forward pass goes
-through (DDP, the plain module, or a DeepSpeed ZeRO engine). What each ZeRO stage shards, the
-checkpoint layout per backend and world-size changes: see :mod:`cmscale.parallel`.
+``training_loop(cfg, run_dir)`` trains or resumes and returns the exit code: 0 finished,
+``EXIT_NONFINITE`` (65) after ``train.max_nonfinite_steps`` skipped steps in a row (no
+checkpoint written), ``dist.EXIT_REQUEUE`` (75) after a stop signal and its checkpoint.
+A step of the global batch: for every micro-batch, seed from (seed, step, offset in the global
+batch), the method's per-example loss, the backend's backward; then the backend's step, and,
+if applied, the target (rate mu(k)) and the evaluation EMAs from the full fp32 weights. The
+loop never asks which method (:mod:`cmscale.methods`) or backend (:mod:`cmscale.parallel`) it
+runs. Design notes: ``docs/data-flow.md``, ``docs/determinism.md``, ``docs/checkpoints.md``,
+``docs/preemption.md``, ``docs/backends.md``.
 """
 
 from __future__ import annotations
