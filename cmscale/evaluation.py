@@ -24,16 +24,9 @@ from .metrics import features as F
 from .metrics import fid as M
 from .metrics.refstats import embedded_stats
 from .sample import FixedShapeNet, image_labels
+from .methods import METHODS
 from .sampler import Sampler
 from .sampling import PerImageNoise
-
-
-def default_samplers(cfg) -> list[Sampler]:
-    """One step and the configured multistep (``sample.ts``/``sample.steps``); EDM: Heun 18."""
-    if cfg.loss.mode == "edm":
-        return [Sampler("edm", steps=18)]
-    return [Sampler("onestep"),
-            Sampler("ts", ts=tuple(int(t) for t in cfg.sample.ts), steps=int(cfg.sample.steps))]
 
 
 def make_generate(net, info: dict, sampler: Sampler, seed: int, batch_size: int, device):
@@ -87,7 +80,7 @@ class PeriodicEval:
         self.extractor = F.build_extractor(ec.extractor, **kw)
         self.ref = reference_stats(cfg, self.extractor)
         self.samplers = ([Sampler.parse(s) for s in ec.samplers] if ec.samplers
-                         else default_samplers(cfg))
+                         else METHODS[cfg.loss.mode].default_samplers(cfg))
         self.primary = str(self.samplers[0])
         self.info = dict(mode=cfg.loss.mode, sigma_min=cfg.net.sigma_min,
                          sigma_max=cfg.net.sigma_max, rho=cfg.net.rho)

@@ -58,9 +58,14 @@ class Method:
 
     def preview(self) -> list[Sampler]:
         """The samplers of the preview grid's panels: one step, and ``sample.ts``/``steps``."""
-        sc = self.cfg.sample
+        return self.default_samplers(self.cfg)
+
+    @classmethod
+    def default_samplers(cls, cfg: Config) -> list[Sampler]:
+        """Periodic FID's samplers unless ``eval.samplers`` names them: one step and the
+        configured multistep (``sample.ts``/``sample.steps``)."""
         return [Sampler("onestep"),
-                Sampler("ts", ts=tuple(int(t) for t in sc.ts), steps=int(sc.steps))]
+                Sampler("ts", ts=tuple(int(t) for t in cfg.sample.ts), steps=int(cfg.sample.steps))]
 
 
 def consistency_kwargs(cfg: Config, device) -> dict:

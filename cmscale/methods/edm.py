@@ -25,3 +25,7 @@ class EDM(Method):
 
     def preview(self) -> list[Sampler]:
         return [Sampler("edm", steps=1), Sampler("edm", steps=18)]
+
+    @classmethod
+    def default_samplers(cls, cfg: Config) -> list[Sampler]:
+        return [Sampler("edm", steps=18)]
