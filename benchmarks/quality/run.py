@@ -19,8 +19,10 @@ On scikit-learn's digits (``data.shards=embedded:sklearn:digits``, 8 px, the qui
    LSUN/ImageNet curriculum unchanged (s1 = 150, mu0 = 0.95), and CD (l2) whose student starts
    from random weights (``loss.init_from_teacher=false``, the trainer's default).
 
-All runs: batch 64, Adam lr 5e-4 with betas (0.9, 0.99) (the quickstart's), fp32, no dropout,
-no flips (``data.random_flip=false``: mirrored digits are not digits), evaluation EMA 0.995, 3000
+All runs: batch 64, fp32, no dropout, no flips (``data.random_flip=false``: mirrored digits are
+not digits). CT and iCT, whose N doubles during the run: Adam lr 5e-4 with betas (0.9, 0.99)
+and evaluation EMA 0.995 (the quickstart's); the EDM teacher and CD: Adam lr 1e-3, betas
+(0.9, 0.999), evaluation EMA 0.999. 3000
 steps per consistency model and 6000 for the teacher (preset ``full``).
 
 CT curriculum: the reference's mu(k) = exp(s0 ln mu0 / N'(k)) depends on N only, not on the
@@ -120,6 +122,7 @@ PRESETS = {
     # About 45-60 min on one CPU thread (see README "Benchmarks").
     "full": dict(
         resolution=8, batch=64, lr=5e-4, beta2=0.99, ema=0.995,
+        teacher_cd_lr=1e-3, teacher_cd_beta2=0.999, teacher_cd_ema=0.999,
         teacher_steps=6000, cd_steps=3000, ct_steps=3000, ict_steps=3000,
         train_seeds=[0], sample_seeds=[0, 1, 2], num_eval=2000, eval_batch=500,
         heun_steps=[1, 2, 3, 5, 10, 18], euler_steps=[2, 4],
@@ -131,6 +134,7 @@ PRESETS = {
     # A couple of minutes: every stage runs, the numbers mean little.
     "smoke": dict(
         resolution=8, batch=32, lr=5e-4, beta2=0.99, ema=0.99,
+        teacher_cd_lr=1e-3, teacher_cd_beta2=0.999, teacher_cd_ema=0.99,
         teacher_steps=150, cd_steps=60, ct_steps=100, ict_steps=100,
         train_seeds=[0], sample_seeds=[0, 1, 2], num_eval=300, eval_batch=300,
         heun_steps=[1, 2, 3, 10], euler_steps=[2],
@@ -220,10 +224,19 @@ def find_vgg16() -> str | None:
 # ----------------------------------------------------------------------------- training
 
 
+def optim_of(s: dict, method: str) -> tuple[float, float, float]:
+    """(lr, beta2, evaluation EMA rate) of a method: CT and iCT (whose N doubles during the run)
+    use ``lr``/``beta2``/``ema``; the EDM teacher and CD use the ``teacher_cd_*`` settings."""
+    if METHODS[method]["mode"] in ("edm", "cd"):
+        return (float(s["teacher_cd_lr"]), float(s["teacher_cd_beta2"]),
+                float(s["teacher_cd_ema"]))
+    return float(s["lr"]), float(s["beta2"]), float(s["ema"])
+
+
 def train_overrides(s: dict, method: str, seed: int, teacher: str | None, vgg: str | None):
     steps = s[{"edm": "teacher_steps", "ct": "ct_steps", "ict": "ict_steps"}.get(
         METHODS[method]["mode"], "cd_steps")]
-    ema = float(s["ema"])
+    lr, beta2, ema = optim_of(s, method)
     res = int(s["resolution"])
     ov = [
         "data.shards=embedded:sklearn:digits", f"data.resolution={res}",
@@ -231,7 +244,7 @@ def train_overrides(s: dict, method: str, seed: int, teacher: str | None, vgg: s
         "data.random_flip=false",    # mirrored digits are not digits (the reference stats aren't)
         "net.preset=tiny16", f"net.overrides.image_size={res}",
         f"net.overrides.attention_resolutions=[{max(1, res // 2)}]",
-        "optim.name=adam", f"optim.lr={s['lr']}", f"optim.betas=[0.9,{s['beta2']}]",
+        "optim.name=adam", f"optim.lr={lr}", f"optim.betas=[0.9,{beta2}]",
         f"train.total_steps={steps}", f"train.global_batch={s['batch']}", f"train.seed={seed}",
         "train.precision=fp32", f"ema.rates=[{ema}]",
         "checkpoint.every_images=0", "checkpoint.keep_last=1",
@@ -552,9 +565,10 @@ def write_table(res: dict, path: str) -> str:
         "# Quality benchmark: the paper's table at small scale (CPU)",
         "",
         f"Digits 8x8 (scikit-learn, {res['reference']['count']} real images), tiny16 UNet "
-        f"(image_size {s['resolution']}), batch {s['batch']}, Adam lr {s['lr']} "
-        f"betas (0.9, {s.get('beta2', 0.999)}), "
-        f"evaluation EMA {s['ema']}. Training steps: teacher {s['teacher_steps']}, CD "
+        f"(image_size {s['resolution']}), batch {s['batch']}; CT and iCT: Adam lr {s['lr']} "
+        f"betas (0.9, {s['beta2']}), evaluation EMA {s['ema']}; EDM teacher and CD: Adam lr "
+        f"{s['teacher_cd_lr']} betas (0.9, {s['teacher_cd_beta2']}), evaluation EMA "
+        f"{s['teacher_cd_ema']}. Training steps: teacher {s['teacher_steps']}, CD "
         f"{s['cd_steps']}, CT {s['ct_steps']}, iCT {s['ict_steps']}. FD = Frechet distance of "
         f"DigitsExtractor features (offline digits CNN; comparable only with itself), "
         f"{s['num_eval']} samples per value, mean +- std over {len(s['train_seeds'])} training "
@@ -804,13 +818,12 @@ def main(argv=None) -> int:
 
     # --- training
     runs: dict = {}
-    ema = ema_name_of(s["ema"])
     teachers = {}
     for seed in s["train_seeds"]:
         if "edm" in methods or any(METHODS[m]["mode"] == "cd" for m in methods):
             rec = train(work, s, "edm", seed, fresh=a.fresh)
             runs[("edm", seed)] = rec
-            teachers[seed] = export_teacher(rec["run_dir"], ema)
+            teachers[seed] = export_teacher(rec["run_dir"], ema_name_of(optim_of(s, "edm")[2]))
         for m in methods:
             if m == "edm":
                 continue
@@ -832,7 +845,7 @@ def main(argv=None) -> int:
                 net, _ = load_network(teachers[seed])  # the exported file, as CD reads it
                 smps = samplers_for(m, s)
             else:
-                net, _ = load_network(runs[(m, seed)]["run_dir"], ema)
+                net, _ = load_network(runs[(m, seed)]["run_dir"], ema_name_of(optim_of(s, m)[2]))
                 found = ternary_search_mid(ev, net, s)
                 searches[f"{m}|seed{seed}"] = found
                 log(f"search {METHODS[m]['label']} seed {seed}: mid sigma {found['mid_sigma']:.4g} "
@@ -864,7 +877,7 @@ def main(argv=None) -> int:
         sweep = {"train_seed": seed, "sample_seed": sseed, "methods": cm_methods, "rows": [],
                  "one_step": {}}
         for m in cm_methods:
-            net, _ = load_network(runs[(m, seed)]["run_dir"], ema)
+            net, _ = load_network(runs[(m, seed)]["run_dir"], ema_name_of(optim_of(s, m)[2]))
             sweep["one_step"][m] = ev.fd_of(make_generate(net, s["resolution"], sseed,
                                                           Sampler("onestep")), s["num_eval"])
             for mid in s["mid_sweep"]:
