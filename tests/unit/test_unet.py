@@ -282,3 +282,19 @@ def test_additive_time_embedding_matches_reference():
     torch.testing.assert_close(out, data["out_flash"], atol=ATOL, rtol=0)
     torch.testing.assert_close(shifted, data["out_flash_shifted"], atol=ATOL, rtol=0)
     assert (data["out_flash"] - data["out_flash_shifted"]).abs().max() > 1e-3
+
+
+def test_norm_groups_gives_a_narrow_additive_network_the_noise_level():
+    # 32 channels in 16 groups: two channels per group, so the per-channel embedding survives.
+    kw = dict(image_size=8, model_channels=32, channel_mult=(1, 1), num_res_blocks=1,
+              attention_resolutions=(4,), num_heads=2, use_scale_shift_norm=False, norm_groups=16)
+    torch.manual_seed(0)
+    net = UNet(**kw).double().eval()
+    assert all(m.num_groups == 16 for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        change = (net(x, torch.full((2,), 1.0, dtype=torch.float64))
+                  - net(x, torch.full((2,), 1.5, dtype=torch.float64))).abs().max().item()
+    assert change > 1e-3
