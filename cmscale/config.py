@@ -50,8 +50,10 @@ class NetConfig:
 
 @dataclass
 class LossConfig:
-    mode: str = "ct"                         # edm | cd | ct | ict
+    mode: str = "ct"                         # edm | cd | ct | ict | ect
     metric: str = "l2"                       # l2 | l1 | lpips | pseudo_huber
+    huber_c: float = -1.0                    # pseudo_huber's c; < 0: iCT's 0.00054 sqrt(dim)
+                                             # (ECT's CIFAR-10 uses 0: the plain L2 norm)
     lpips_weights: str = ""                  # local VGG16 file (else the torch hub cache)
     # CT curriculum (reference "progressive" N, "adaptive" target EMA)
     start_scales: int = 2                    # s0
@@ -60,7 +62,8 @@ class LossConfig:
     # CD: fixed N and target EMA; teacher checkpoint (ours or a reference .pt)
     num_scales: int = 40
     target_ema: float = 0.95
-    teacher: str = ""                        # path to teacher weights (cd)
+    teacher: str = ""                        # path to teacher weights (cd; ect: the EDM
+                                             # denoiser the student starts from)
     teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
     teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
     solver: str = "heun"                     # heun | euler (cd)
@@ -69,8 +72,15 @@ class LossConfig:
     # iCT
     ict_s0: int = 10
     ict_s1: int = 1280
-    p_mean: float = -1.1
+    p_mean: float = -1.1                     # iCT and ECT: ln sigma ~ N(p_mean, p_std^2)
     p_std: float = 2.0
+    # ECT: pairs (t, r) with r from the mapping function; the gap t - r shrinks in stages
+    ect_stage_steps: int = 25000             # d: optimizer steps per stage (CIFAR-10: 25k
+                                             # steps of batch 128)
+    ect_q: float = 2.0                       # the gap is divided by q at each new stage
+    ect_k: float = 8.0                       # n(t) = 1 + k sigmoid(-b t) (k = 0: constant)
+    ect_b: float = 1.0
+    ect_weighting: str = "inverse_gap"       # inverse_gap: 1/(t - r) | karras: 1/t^2 + 1/sd^2
 
 
 @dataclass
@@ -241,9 +251,10 @@ def _set_dotted(cfg: Config, item: str) -> None:
 
 
 CHOICES = {
-    "loss.mode": ("edm", "cd", "ct", "ict"),
+    "loss.mode": ("edm", "cd", "ct", "ict", "ect"),
     "loss.metric": ("l2", "l1", "lpips", "pseudo_huber"),
     "loss.solver": ("heun", "euler"),
+    "loss.ect_weighting": ("inverse_gap", "karras"),
     "optim.name": ("radam", "adam", "adamw"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("ddp", "deepspeed"),
@@ -276,6 +287,10 @@ def validate(cfg: Config) -> Config:
         ("loss.start_ema", 0 < cfg.loss.start_ema < 1, "must be in (0, 1)"),
         ("loss.target_ema", 0 <= cfg.loss.target_ema < 1, "must be in [0, 1)"),
         ("loss.num_scales", cfg.loss.num_scales >= 2, "must be >= 2"),
+        ("loss.ect_stage_steps", cfg.loss.ect_stage_steps >= 1, "must be >= 1"),
+        ("loss.ect_q", cfg.loss.ect_q > 1, "must be > 1 (the gap shrinks by q per stage)"),
+        ("loss.ect_k", cfg.loss.ect_k >= 0, "must be >= 0"),
+        ("loss.ect_b", cfg.loss.ect_b >= 0, "must be >= 0"),
         ("ema.rates", all(0 < float(r) < 1 for r in cfg.ema.rates), "each in (0, 1)"),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, "must be >= 1"),
         ("checkpoint.every_images", cfg.checkpoint.every_images >= 0, "must be >= 0"),
@@ -291,6 +306,14 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r}: {why}")
     if cfg.loss.mode == "cd" and not cfg.loss.teacher:
         raise ConfigError("loss.teacher: CD needs a teacher checkpoint (loss.teacher=PATH)")
+    if cfg.loss.mode == "ect":
+        if not cfg.loss.teacher:
+            raise ConfigError("loss.teacher: ECT tunes a pretrained EDM denoiser; name its "
+                              "weights file (loss.teacher=PATH, e.g. a cmscale export of an "
+                              "edm run)")
+        if cfg.loss.teacher_preset and cfg.loss.teacher_preset != cfg.net.preset:
+            raise ConfigError(f"loss.teacher_preset={cfg.loss.teacher_preset!r}: the ECT "
+                              f"student is the teacher's network, net.preset={cfg.net.preset!r}")
     if cfg.train.backend == "deepspeed" and cfg.train.zero_stage == 0:
         raise ConfigError("train.zero_stage: the deepspeed backend needs a ZeRO stage 1, 2 or 3")
     ts = [int(t) for t in cfg.sample.ts]

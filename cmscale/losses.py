@@ -9,6 +9,8 @@ that gives the consistency target (an EMA of net for CD/CT, net itself under no_
 - :class:`CDLoss`   consistency distillation from a teacher denoiser (Algorithm 2 / eq. 7).
 - :class:`ICTLoss`  improved CT (Song & Dhariwal 2023): pseudo-Huber, lognormal pair indices,
                     1/(sigma_n - sigma_{n+1}) weighting, target = stop-gradient online network.
+- :class:`ECTLoss`  easy consistency tuning (Geng et al. 2025): iCT's self-target, pairs
+                    (t, r) from ECT's mapping function; called with the stage in place of N.
 - :class:`EDMLoss`  EDM denoising score matching, to train teachers (Karras et al. 2022, eq. 2).
 
 Online and target passes share dropout masks: the RNG state (CPU and the current CUDA
@@ -266,6 +268,47 @@ class ICTLoss(CTLoss):
 
     def weight(self, sigmas, n):
         return schedules.ict_weights(sigmas)[n]
+
+
+class ECTLoss:
+    """Easy consistency tuning (Geng et al. 2025): iCT's self-target on ECT's pairs.
+
+    ``t`` from ln t ~ N(P_mean, P_std^2), ``r = t - gap`` from the mapping function of the
+    stage (:func:`cmscale.schedules.ect_gap`), one noise draw z for both points:
+    ``w(t, r) d(f(x + t z, t), sg f(x + r z, r))``, with the target the stop-gradient online
+    network under the same dropout masks, and ``f(x, 0) = x``: where r = 0 the target is the
+    clean image. ``metric`` is ECT's pseudo-Huber ``sqrt(||a - b||^2 + c^2) - c`` (c = 0 gives
+    the L2 norm, its CIFAR-10 choice); ``weighting`` ``inverse_gap`` (1 / (t - r)) or
+    ``karras`` (:func:`cmscale.schedules.ect_weights`). Called with the stage in place of N.
+    """
+
+    def __init__(self, metric="pseudo_huber", p_mean: float = -1.1, p_std: float = 2.0,
+                 q: float = 2.0, k: float = 8.0, b: float = 1.0,
+                 weighting: str = "inverse_gap", sigma_data: float = 0.5):
+        self.metric = make_metric(metric) if isinstance(metric, str) else metric
+        self.p_mean, self.p_std = p_mean, p_std
+        self.q, self.k, self.b = q, k, b
+        schedules.ect_weights(torch.ones(1), torch.ones(1), weighting)  # a bad name fails here
+        self.weighting, self.sigma_data = weighting, sigma_data
+
+    def __call__(self, net, images, stage: int, class_labels=None, target=None):
+        target = net if target is None else target
+        x = images
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        t = schedules.edm_lognormal_sigmas(x.shape[0], self.p_mean, self.p_std,
+                                           device=x.device)
+        gap = schedules.ect_gap(t, stage, self.q, self.k, self.b)
+        r = t - gap
+        z = torch.randn_like(x)
+        with same_dropout(x.device) as replay:
+            online = net(x + t.reshape(shape).to(x.dtype) * z, t, class_labels)
+            with torch.no_grad():
+                replay()
+                tgt = target(x + r.reshape(shape).to(x.dtype) * z, r, class_labels)
+                # the boundary f(x, 0) = x, whatever the network makes of sigma = 0
+                tgt = torch.where((r > 0).reshape(shape), tgt.float(), x.float())
+        weight = schedules.ect_weights(t, gap, self.weighting, self.sigma_data)
+        return weight * self.metric(online.float(), tgt)
 
 
 class EDMLoss:

@@ -120,3 +120,52 @@ def edm_lognormal_sigmas(
     """EDM training noise levels: ln(sigma) ~ N(P_mean, P_std^2) (Karras et al. 2022, table 1)."""
     z = torch.randn(batch, generator=generator, device=device)
     return torch.exp(p_mean + p_std * z)
+
+
+def ect_stage(step: int, stage_steps: int) -> int:
+    """ECT's stage ``a`` at ``step`` (Geng et al. 2025): ``a = floor(step / d) + 1``.
+
+    The gap ``t - r`` is divided by ``q`` each time the stage advances, every ``d`` steps. The
+    first step is in stage 1, as in the authors' code (their stage counter starts at 0 and the
+    decay is ``q^-(stage + 1)``).
+    """
+    if stage_steps <= 0:
+        raise ValueError(f"stage_steps must be positive, got {stage_steps}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return step // stage_steps + 1
+
+
+def ect_gap(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0,
+            b: float = 1.0) -> torch.Tensor:
+    """ECT's mapping function (Geng et al. 2025) as the gap ``t - r`` at stage a.
+
+    ``r = max(0, t (1 - n(t) / q^a))`` with ``n(t) = 1 + k sigmoid(-b t)``, so the gap is
+    ``t min(1, n(t) / q^a)``: it shrinks by ``q`` every stage, and relatively more at large t
+    (n falls from 1 + k/2 at t = 0 to 1). Where it reaches t, r = 0 and the target is the clean
+    image (the diffusion loss); ``k = 0`` is the paper's constant mapping. Computed as the gap,
+    not as ``t - r``, so that a gap far below t's float resolution stays positive.
+    """
+    if stage < 1:
+        raise ValueError(f"stage must be >= 1, got {stage}")
+    n = 1.0 + k * torch.sigmoid(-b * t)
+    return t * torch.clamp(n / q**stage, max=1.0)
+
+
+def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0,
+          b: float = 1.0) -> torch.Tensor:
+    """The smaller noise level of ECT's pair: ``r = t - ect_gap(t, stage, q, k, b)`` (>= 0,
+    exactly 0 where the mapping clamps)."""
+    return t - ect_gap(t, stage, q, k, b)
+
+
+def ect_weights(t: torch.Tensor, gap: torch.Tensor, kind: str = "inverse_gap",
+                sigma_data: float = 0.5) -> torch.Tensor:
+    """ECT's loss weighting of the pair (t, r = t - gap): ``1 / (t - r)`` (``inverse_gap``, the
+    paper's CIFAR-10 choice) or ``1 / t^2 + 1 / sigma_data^2`` (``karras``, EDM's weighting,
+    which the authors' ImageNet 64 code uses)."""
+    if kind == "inverse_gap":
+        return 1.0 / gap
+    if kind == "karras":
+        return 1.0 / t**2 + 1.0 / sigma_data**2
+    raise ValueError(f"unknown ECT weighting {kind!r}; choose inverse_gap or karras")

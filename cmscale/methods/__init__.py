@@ -13,10 +13,11 @@ from ..networks import create_unet
 from .base import Method
 from .cd import CD
 from .ct import CT
+from .ect import ECT
 from .edm import EDM
 from .ict import ICT
 
-METHODS: dict[str, type[Method]] = {"edm": EDM, "cd": CD, "ct": CT, "ict": ICT}
+METHODS: dict[str, type[Method]] = {"edm": EDM, "cd": CD, "ct": CT, "ict": ICT, "ect": ECT}
 
 
 def build_method(cfg: Config, device) -> Method:

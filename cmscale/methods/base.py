@@ -1,7 +1,8 @@
 """A training method: the networks it needs, its schedule and its per-example loss.
 
 ``schedule(step)`` gives ``(N, mu)``: the number of grid points and the target EMA rate at
-that step (``(None, None)`` for a method without either). ``loss(net, target, images, labels,
+that step (``(None, None)`` for a method without either; ECT, which has no grid, gives its
+stage in place of N). ``loss(net, target, images, labels,
 N)`` returns per-example losses of one micro-batch (no reduction, no distributed calls): ``net``
 is what the forward goes through, ``target`` the network the loss takes its target from (the
 EMA target when ``needs_target``, else the online network; EDM ignores it). After an applied
@@ -68,9 +69,18 @@ class Method:
                 Sampler("ts", ts=tuple(int(t) for t in cfg.sample.ts), steps=int(cfg.sample.steps))]
 
 
+def build_metric(cfg: Config, device):
+    """The distance ``loss.metric`` (pseudo-Huber with ``loss.huber_c`` when it is >= 0)."""
+    lc = cfg.loss
+    if lc.metric == "lpips":
+        return losses.LPIPS(weights=lc.lpips_weights or None, device=device)
+    if lc.metric == "pseudo_huber" and lc.huber_c >= 0:
+        return losses.make_metric(lc.metric, c=lc.huber_c)
+    return losses.make_metric(lc.metric)
+
+
 def consistency_kwargs(cfg: Config, device) -> dict:
     """The metric and the Karras grid shared by the CD, CT and iCT losses."""
-    lc, nc = cfg.loss, cfg.net
-    metric = (losses.LPIPS(weights=lc.lpips_weights or None, device=device)
-              if lc.metric == "lpips" else losses.make_metric(lc.metric))
-    return dict(metric=metric, sigma_min=nc.sigma_min, sigma_max=nc.sigma_max, rho=nc.rho)
+    nc = cfg.net
+    return dict(metric=build_metric(cfg, device), sigma_min=nc.sigma_min,
+                sigma_max=nc.sigma_max, rho=nc.rho)

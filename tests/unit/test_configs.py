@@ -61,6 +61,9 @@ def test_reference_hyperparameters():
     ("train.zero_stage=4", "train.zero_stage"),
     ("data.bad_input=ignore", "data.bad_input"),
     ("novalue", "not key=value"),
+    ("loss.mode=ect", "loss.teacher: ECT tunes a pretrained EDM denoiser"),
+    ("loss.ect_q=1", "loss.ect_q=1.0: must be > 1"),
+    ("loss.ect_weighting=uniform", "loss.ect_weighting='uniform'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -95,3 +98,12 @@ def test_run_configs_with_the_retired_fault_injection_key_still_load(tmp_path):
     assert load_config(str(path)) == load_config(None, [])
     with pytest.raises(ConfigError, match="inject_nan_at"):
         load_config(None, ["train.inject_nan_at=[1]"])
+
+
+def test_ect_student_is_the_teachers_network():
+    c = cfg("quickstart", "loss.mode=ect", "loss.teacher=edm.safetensors")
+    assert (c.loss.ect_q, c.loss.ect_k, c.loss.ect_b, c.loss.ect_stage_steps) == (2.0, 8.0, 1.0,
+                                                                                  25_000)
+    with pytest.raises(ConfigError, match="loss.teacher_preset='tiny32': the ECT student"):
+        cfg("quickstart", "loss.mode=ect", "loss.teacher=edm.safetensors",
+            "loss.teacher_preset=tiny32")

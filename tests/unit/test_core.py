@@ -229,6 +229,81 @@ def test_ict_loss_weighting_and_index_distribution():
     assert net.model.inp.weight.grad is not None
 
 
+class NotABoundary(nn.Module):
+    """f(x, sigma) with dropout and f(x, 0) != x: the ECT loss must apply the boundary itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.9))
+        self.b = nn.Parameter(torch.tensor(0.1))
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x, sigma, class_labels=None):
+        s = sigma.reshape(-1, 1, 1, 1)
+        return self.drop(self.w * x / (1 + s) + self.b * torch.tanh(s) + 0.05)
+
+
+@pytest.mark.parametrize("c,weighting", [(0.0, "inverse_gap"), (0.03, "inverse_gap"),
+                                         (0.0, "karras")])
+def test_ect_loss_matches_a_hand_computation(c, weighting):
+    """ECTLoss at a fixed RNG state against the paper's formula written out by hand:
+    t = exp(P_mean + P_std u), r = max(0, t (1 - n(t)/q^a)), one z for both points, the target
+    the same network under the same dropout masks without gradient, x itself where r = 0."""
+    B, stage, q, k, b = 16, 2, 2.0, 8.0, 1.0
+    torch.manual_seed(1)
+    x = torch.rand(B, 3, 4, 4) * 2 - 1
+    net = NotABoundary().train()
+    loss_fn = losses.ECTLoss(metric=losses.PseudoHuber(c=c), p_mean=-1.1, p_std=2.0, q=q, k=k,
+                             b=b, weighting=weighting)
+    torch.manual_seed(7)
+    got = loss_fn(net, x, stage=stage)
+    got.sum().backward()
+    got_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+
+    torch.manual_seed(7)
+    u = torch.randn(B)
+    t = [math.exp(-1.1 + 2.0 * v) for v in u.tolist()]
+    r = [max(0.0, ti * (1 - (1 + k / (1 + math.exp(b * ti))) / q**stage)) for ti in t]
+    assert any(ri == 0 for ri in r) and any(ri > 0 for ri in r)  # both cases are exercised
+    z = torch.randn_like(x)
+    tt, rr = torch.tensor(t), torch.tensor(r)
+    state = torch.get_rng_state()
+    online = net(x + tt.reshape(-1, 1, 1, 1) * z, tt)
+    torch.set_rng_state(state)  # the target draws the online pass's dropout masks
+    with torch.no_grad():
+        target = net(x + rr.reshape(-1, 1, 1, 1) * z, rr)
+    want = []
+    for i in range(B):
+        tgt = target[i] if r[i] > 0 else x[i]
+        d = torch.sqrt(((online[i] - tgt) ** 2).sum() + c * c) - c
+        w = 1 / (t[i] - r[i]) if weighting == "inverse_gap" else 1 / t[i] ** 2 + 1 / 0.5**2
+        want.append(w * d)
+    want = torch.stack(want)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    want.sum().backward()
+    for g, p in zip(got_grads, net.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=2e-5, atol=1e-6)
+
+
+def test_ect_loss_of_a_perfect_consistency_function_is_zero():
+    """f(x + s z, s) = x for every s: every pair agrees (r > 0) or meets the boundary (r = 0)."""
+
+    class Oracle(nn.Module):
+        def __init__(self, x):
+            super().__init__()
+            self.x = x
+            self.p = nn.Parameter(torch.zeros(()))
+
+        def forward(self, xt, sigma, class_labels=None):
+            return self.x + 0 * self.p
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 2)
+    out = losses.ECTLoss(metric=losses.PseudoHuber(c=0.01))(Oracle(x), x, stage=3)
+    assert out.shape == (64,) and torch.all(out.abs() < 1e-6)
+
+
 def test_edm_loss_weighting():
     torch.manual_seed(0)
 

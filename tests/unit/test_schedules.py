@@ -96,3 +96,61 @@ def test_target_horizon_warning_for_short_ct_runs():
     assert target_horizon_warning(ok) is None
     assert target_horizon_warning(["loss.mode=ict", "train.total_steps=100"]) is None
     assert target_horizon_warning(["loss.mode=edm", "train.total_steps=100"]) is None
+
+
+def test_ect_stage_advances_every_d_steps_from_stage_1():
+    d = 25_000  # the paper's CIFAR-10 stage: 3.2M images at batch 128
+    assert [schedules.ect_stage(k, d) for k in (0, 1, d - 1, d, 2 * d - 1, 2 * d, 199_999)] == [
+        1, 1, 1, 2, 2, 3, 8]
+    with pytest.raises(ValueError):
+        schedules.ect_stage(0, 0)
+
+
+def test_ect_mapping_function_exact_values():
+    # r = max(0, t (1 - n(t) / q^a)), n(t) = 1 + k sigmoid(-b t); values worked by hand with
+    # sigmoid(-1) = 1 / (1 + e) = 0.2689414213699951, sigmoid(-2) = 0.11920292202211755.
+    t = torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, 80.0, 0.5], dtype=torch.float64)
+    stage = [1, 3, 4, 1, 2, 1, 1]
+    want = [0.0,                                          # n = 3.1515 > 2: clamped to 0
+            1.0 - (1 + 8 * 0.2689414213699951) / 8,       # 0.6060585786300049
+            1.0 - (1 + 8 * 0.2689414213699951) / 16,      # 0.8030292893150024
+            2.0 * (1 - (1 + 8 * 0.11920292202211755) / 2),  # 0.04637662382305963
+            2.0 * (1 - (1 + 8 * 0.11920292202211755) / 4),  # 1.0231883118847351
+            40.0,                                         # sigmoid(-80) ~ 2e-35: n = 1
+            0.0]
+    got = [schedules.ect_r(t[i:i + 1], a).item() for i, a in enumerate(stage)]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert want[1] == pytest.approx(0.6060585786300049, rel=1e-15)
+    # the gap is t - r; it halves (q = 2) from stage to stage once r > 0
+    g = [schedules.ect_gap(t[1:2], a).item() for a in (3, 4, 5)]
+    assert g[0] == pytest.approx(2 * g[1], rel=1e-14) == pytest.approx(4 * g[2], rel=1e-14)
+    # k = 0 is the constant mapping r = t (1 - q^-a); other q and b enter as written
+    assert schedules.ect_r(t[:1], 2, q=2.0, k=0.0).item() == pytest.approx(0.75, rel=1e-15)
+    want_q4 = 1.0 - (1 + 2.0 / (1 + math.exp(0.5))) / 4  # q 4, k 2, b 0.5 at t = 1
+    assert schedules.ect_r(t[:1], 1, q=4.0, k=2.0, b=0.5).item() == pytest.approx(want_q4,
+                                                                                  rel=1e-14)
+    with pytest.raises(ValueError):
+        schedules.ect_r(t, 0)
+
+
+def test_ect_gap_stays_positive_below_float32_resolution():
+    # With a large q (ECT's one-hour recipe uses q = 256) the gap t n(t) / q^a soon falls below
+    # float32's resolution: at stage 4 it is 7e-10 at t = 1, and computed as t - r it would be
+    # 0 and the weight 1/(t - r) infinite.
+    t = torch.tensor([1.0])
+    gap = schedules.ect_gap(t, 4, q=256.0)
+    assert gap.item() == pytest.approx((1 + 8 * 0.2689414213699951) / 2**32, rel=1e-6)
+    assert (t - schedules.ect_r(t, 4, q=256.0)).item() == 0.0  # r itself rounds to t
+    w = schedules.ect_weights(t, gap)
+    assert torch.isfinite(w).all() and w.item() == pytest.approx(1 / gap.item(), rel=1e-6)
+
+
+def test_ect_weights():
+    t = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    gap = torch.tensor([0.25, 0.1], dtype=torch.float64)
+    assert schedules.ect_weights(t, gap).tolist() == pytest.approx([4.0, 10.0], rel=1e-15)
+    # karras: 1/t^2 + 1/sigma_data^2 = (t^2 + sd^2) / (t sd)^2
+    assert schedules.ect_weights(t, gap, "karras").tolist() == pytest.approx(
+        [1 / 0.25 + 4.0, 1 / 4.0 + 4.0], rel=1e-15)
+    with pytest.raises(ValueError, match="weighting"):
+        schedules.ect_weights(t, gap, "uniform")
