@@ -1,6 +1,7 @@
 """The training system end to end: real processes, real shards, real checkpoints on disk."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,8 +13,12 @@ import torch
 
 from cmscale import checkpoint
 from cmscale.config import ConfigError, load_config
+from cmscale.networks import EDMPrecond
+from cmscale.runs import load_network
+from cmscale.sampler import Sampler
+from cmscale.sampling import PerImageNoise
 from tests.support import REPO
-from tests.support.training import TINY, final_state, losses_of
+from tests.support.training import TINY, ect_overrides, final_state, losses_of, random_teacher
 
 ROOT = str(REPO)
 
@@ -28,6 +33,19 @@ def _env(tmp_cache):
 def cache(tmp_path_factory):
     # One shard cache for the module: built by the first run, reused by the others.
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny16 EDM weights file for the ECT runs."""
+    return random_teacher(tmp_path_factory.mktemp("teacher") / "edm.safetensors")
+
+
+def method_overrides(method, request):
+    """The extra overrides that make TINY (CT) a run of ``method``."""
+    if method == "ect":
+        return ect_overrides(request.getfixturevalue("teacher"))
+    return []
 
 
 def train(run_dir, cache, *extra, background=False, nproc=1, nan_at=()):
@@ -63,14 +81,17 @@ def test_dry_run_prints_config_and_size(tmp_path, cache):
     assert "parameters:" in r.stdout and "mode: ct" in r.stdout
 
 
-def test_kill_9_then_resume_is_bit_identical(tmp_path, cache):
+@pytest.mark.parametrize("method", ["ct", "ect"])
+def test_kill_9_then_resume_is_bit_identical(tmp_path, cache, method, request):
+    # ECT: the resume lands in stage 2 of 3, with dropout masks shared by online and target
+    extra = method_overrides(method, request)
     straight = tmp_path / "straight"
-    r = train(straight, cache)
+    r = train(straight, cache, *extra)
     assert r.returncode == 0, r.stdout
     assert (straight / "samples").is_dir() and list((straight / "samples").iterdir())
 
     killed = tmp_path / "killed"
-    p = train(killed, cache, background=True)
+    p = train(killed, cache, *extra, background=True)
     deadline = time.time() + 300
     while time.time() < deadline and not checkpoint.latest_checkpoint(killed, warn=False):
         time.sleep(0.02)
@@ -78,7 +99,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache):
     p.wait()
     done = checkpoint.latest_checkpoint(killed, warn=False)
     assert done is not None and done.nimg == 24, "no checkpoint was written before the kill"
-    r = train(killed, cache)
+    r = train(killed, cache, *extra)
     assert r.returncode == 0, r.stdout
     assert "resumed from" in r.stdout
 
@@ -92,10 +113,11 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache):
     for step in range(4, 7):
         assert la[step] == lb[step]
 
-    # a re-submitted finished run ends cleanly without training, or loading the checkpoint
-    r = train(killed, cache)
-    assert r.returncode == 0 and "already finished" in r.stdout
-    assert "resumed from" not in r.stdout, r.stdout
+    if method == "ct":  # (the same for every method)
+        # a re-submitted finished run ends cleanly without training, or loading the checkpoint
+        r = train(killed, cache, *extra)
+        assert r.returncode == 0 and "already finished" in r.stdout
+        assert "resumed from" not in r.stdout, r.stdout
 
 
 def test_partial_checkpoint_is_ignored(tmp_path, cache):
@@ -171,11 +193,14 @@ def test_signal_to_two_process_run_checkpoints_and_exits_75(tmp_path, cache):
 
 
 @pytest.mark.dist
-def test_two_ranks_ddp_match_one_process_with_the_same_global_batch(tmp_path, cache):
+@pytest.mark.parametrize("method", ["ct", "ect"])
+def test_two_ranks_ddp_match_one_process_with_the_same_global_batch(tmp_path, cache, method,
+                                                                   request):
     # data.streams and train.micro_batch fixed: both runs see the same global batches and draw
-    # the same noise per sample; one process accumulates 2 micro-batches, two ranks average.
+    # the same noise (and, for ECT, the same t, r and dropout masks) per sample; one process
+    # accumulates 2 micro-batches, two ranks average.
     common = ["train.total_steps=3", "checkpoint.every_images=0", "data.streams=2",
-              "train.micro_batch=4"]
+              "train.micro_batch=4", *method_overrides(method, request)]
     one = tmp_path / "one"
     r = train(one, cache, *common)
     assert r.returncode == 0, r.stdout
@@ -209,6 +234,23 @@ def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
     assert r.returncode == 0, r.stdout
     losses = losses_of(cd_run)
     assert all(v == v and v > 0 for v in losses.values())  # finite, positive
+    # ECT tunes the same export into a consistency model (stages 1 and 2 in 3 steps)
+    ect_run = tmp_path / "ect"
+    r = train(ect_run, cache, *ect_overrides(str(out)), "train.total_steps=3",
+              "loss.ect_stage_steps=2", "checkpoint.every_images=0")
+    assert r.returncode == 0, r.stdout
+    records = [json.loads(line) for line in (ect_run / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["stage"] for rec in records] == [1, 1, 2]
+    assert all(math.isfinite(rec["loss"]) and rec["loss"] > 0 for rec in records)
+    assert list((ect_run / "samples").iterdir())  # one- and two-step preview grid
+    assert "sigmas=80.0,0.821 (NFE 2)" in r.stdout
+    # the run samples as an EDM-parametrised consistency model, with the consistency samplers
+    net, info = load_network(str(ect_run), "ema_0_9")
+    assert info["mode"] == "ect" and isinstance(net, EDMPrecond)
+    noise = PerImageNoise(0, range(2), (3, 16, 16))
+    for spec in ("onestep", "sigmas=80,0.821", "ts=0,20,39/40"):
+        images = Sampler.parse(spec).check("ect").run(net, noise)
+        assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
     # a teacher file that does not fit the preset is a clear error before training
     r = train(tmp_path / "bad", cache, "loss.mode=cd", f"loss.teacher={out}",
               "loss.teacher_preset=tiny32")
@@ -286,6 +328,43 @@ def test_cd_student_starts_from_the_teacher(tmp_path, cache, monkeypatch):
     with pytest.raises(ValueError, match="init_from_teacher"):
         Trainer(load_config(None, base + ["loss.init_from_teacher=true",
                                           "net.overrides.model_channels=64"]), str(tmp_path / "c"))
+
+
+def test_ect_student_starts_as_the_teacher(tmp_path, cache, teacher, monkeypatch):
+    """ECT: the student and its EMAs start with the teacher's weights, so the student's D(x, s)
+    is the teacher's; a file of another shape, or the export of a consistency model, is a
+    clear error before training."""
+    from cmscale.ema import frozen_copy
+    from cmscale.networks import EDMPrecond, create_unet
+    from cmscale.training_loop import Trainer
+    from cmscale.weights import load_state_dict, save_state_dict
+
+    monkeypatch.setenv("CMSCALE_CACHE", str(cache))
+    base = TINY + ["data.num_workers=0"] + ect_overrides(teacher)
+    t = Trainer(load_config(None, base), str(tmp_path / "a"))
+    assert t.target is None  # the target is the online network itself (stop-gradient)
+    want = load_state_dict(teacher)
+    nets = {"online": t.net, "ema": t.emas["ema_0_9"].gather(frozen_copy(t.net))}
+    for which, net in nets.items():
+        got = net.model.state_dict()
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (which, k)
+    raw = create_unet("tiny16")
+    raw.load_state_dict(want)
+    denoiser = EDMPrecond(raw).eval()
+    x, sigma = torch.randn(3, 3, 16, 16), torch.tensor([0.1, 1.0, 80.0])
+    with torch.no_grad():
+        assert torch.equal(t.net.eval()(x, sigma), denoiser(x, sigma))
+
+    with pytest.raises(ValueError, match="does not fit UNet preset 'tiny16'.*shape mismatch"):
+        Trainer(load_config(None, base + ["net.overrides.model_channels=64"]),
+                str(tmp_path / "b"))
+    ct_export = tmp_path / "ct.safetensors"
+    save_state_dict(want, str(ct_export))
+    (tmp_path / "ct.safetensors.json").write_text(json.dumps({"export": {"mode": "ct"}}))
+    with pytest.raises(ValueError, match="export of a 'ct' run; ECT starts from an EDM"):
+        Trainer(load_config(None, base + [f"loss.teacher={ct_export}"]), str(tmp_path / "c"))
 
 
 def test_stop_request_on_the_last_step_finishes_the_run(tmp_path, cache, monkeypatch):

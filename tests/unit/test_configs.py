@@ -107,3 +107,14 @@ def test_ect_student_is_the_teachers_network():
     with pytest.raises(ConfigError, match="loss.teacher_preset='tiny32': the ECT student"):
         cfg("quickstart", "loss.mode=ect", "loss.teacher=edm.safetensors",
             "loss.teacher_preset=tiny32")
+
+
+def test_ect_default_samplers_are_one_and_two_steps():
+    from cmscale.methods import METHODS
+
+    c = cfg("quickstart", "loss.mode=ect", "loss.teacher=edm.safetensors")
+    got = [str(s) for s in METHODS["ect"].default_samplers(c)]
+    assert got == ["onestep", "sigmas=80.0,0.821"]
+    with pytest.raises(ConfigError, match="does not fit a 'ect' network"):
+        cfg("quickstart", "loss.mode=ect", "loss.teacher=edm.safetensors",
+            "eval.every_images=64", "eval.samplers=[edm]")
