@@ -19,7 +19,7 @@ def cfg(name, *overrides):
 def test_every_recipe_loads_and_round_trips(tmp_path):
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
     assert {"lsun_cat_ct", "lsun_bedroom_cd", "imagenet64_cd", "imagenet64_ct", "cifar10_ict",
-            "quickstart"} <= set(names)
+            "cifar10_ect", "quickstart"} <= set(names)
     for name in names:
         c = cfg(name)
         assert c.net.preset in PRESETS
@@ -49,6 +49,16 @@ def test_reference_hyperparameters():
     c = cfg("cifar10_ict")
     assert (c.loss.mode, c.loss.metric, c.loss.ict_s0, c.loss.ict_s1) == ("ict", "pseudo_huber", 10, 1280)
     assert c.net.overrides["dropout"] == 0.3
+    c = cfg("cifar10_ect")  # locuslab/ect run_ecm.sh: 200k steps of batch 128, 8 stages
+    assert (c.loss.mode, c.loss.metric, c.loss.huber_c, c.loss.ect_weighting) == (
+        "ect", "pseudo_huber", 0.0, "inverse_gap")
+    assert (c.loss.p_mean, c.loss.p_std, c.loss.ect_q, c.loss.ect_k, c.loss.ect_b) == (
+        -1.1, 2.0, 2.0, 8.0, 1.0)
+    assert (c.loss.ect_stage_steps, c.train.total_steps, c.train.global_batch) == (
+        25_000, 200_000, 128)
+    assert (c.optim.name, c.optim.lr, c.net.overrides["dropout"], c.ema.rates) == (
+        "radam", 1e-4, 0.2, [0.9999])
+    assert c.loss.teacher and c.net.preset == "tiny32"
 
 
 @pytest.mark.parametrize("override,message", [
