@@ -15,14 +15,18 @@ On scikit-learn's digits (``data.shards=embedded:sklearn:digits``, 8 px, the qui
 3. CT (``loss.mode=ct``, l2) with the reference's adaptive N / target-EMA curriculum at
    s0 = 2, s1 = 20, mu0 = 0.9 (see "CT curriculum" below);
 4. iCT (``loss.mode=ict``, pseudo-Huber, lognormal pairs, N doubling 10 -> 1280);
-5. two diagnostics, reported apart from the paper's table: CT with the reference's
+5. ECT (``loss.mode=ect``, ``loss.teacher=<export>``): the student starts as the same teacher
+   and is tuned with ECT's mapping function, its gap halving (q = 2, k = 8, b = 1) over
+   ``ect_stages`` = 8 stages as in the authors' 200k-step CIFAR-10 run, metric ||a - b||
+   (pseudo-Huber, c = 0), weighting 1 / (t - r);
+6. two diagnostics, reported apart from the paper's table: CT with the reference's
    LSUN/ImageNet curriculum unchanged (s1 = 150, mu0 = 0.95), and CD (l2) whose student starts
    from random weights (``loss.init_from_teacher=false``, the trainer's default).
 
 All runs: batch 64, fp32, no dropout, no flips (``data.random_flip=false``: mirrored digits are
-not digits). CT and iCT, whose N doubles during the run: Adam lr 5e-4 with betas (0.9, 0.99)
-and evaluation EMA 0.995 (the quickstart's); the EDM teacher and CD: Adam lr 1e-3, betas
-(0.9, 0.999), evaluation EMA 0.999. 3000
+not digits). CT and iCT, whose N doubles during the run, and ECT, whose gap shrinks during the
+run: Adam lr 5e-4 with betas (0.9, 0.99) and evaluation EMA 0.995 (the quickstart's); the EDM
+teacher and CD: Adam lr 1e-3, betas (0.9, 0.999), evaluation EMA 0.999. 3000
 steps per consistency model and 6000 for the teacher (preset ``full``).
 
 CT curriculum: the reference's mu(k) = exp(s0 ln mu0 / N'(k)) depends on N only, not on the
@@ -48,7 +52,7 @@ Samplers (NFE = network evaluations per image):
     sampling seed of its own (``search_seed`` = 1000) so that the evaluation seeds don't pick it;
   * "published ts": each family's published setting transferred unchanged, converted to a
     sigma (``cmscale.sampling.ts_to_sigmas``): CD ``ts=0,22,39/40`` (ImageNet 64 CD, sigma
-    1.38), CT ``ts=0,62,150/151`` (LSUN Cat CT, 5.25), iCT sigma 0.821 (CIFAR-10; the
+    1.38), CT ``ts=0,62,150/151`` (LSUN Cat CT, 5.25), iCT and ECT sigma 0.821 (CIFAR-10; the
     quickstart's ``ts=0,788,1280/1281``). The checks are reported for this reading too.
   A fixed sweep over the mid level (``mid_sigma_sweep``, one seed) is a further diagnostic.
 - the EDM teacher: the EDM Heun sampler ``edm_sample(net, z, steps)`` at steps 1, 2, 3, 5, 10,
@@ -62,6 +66,8 @@ Checks (the paper's ordering; PASS/FAIL printed and stored):
 - ``cd_2_beats_1`` (each CD variant) and ``ct_2_beats_1``: two steps lower FD than one (searched
   mid level; ``*_published_ts``: the transferred published setting);
 - ``cd_beats_ct_nfe1`` / ``cd_beats_ct_nfe2``: CD (l2) below CT (l2) at equal NFE (same metric);
+- ``ect_2_beats_1``; ``ect_beats_ict_nfe1`` / ``ect_beats_ict_nfe2``: ECT (from the teacher) below
+  iCT at equal NFE and equal training steps (same metric family, optimiser and EMA);
 - ``cd1_beats_teacher_1_2``: one-step CD (l2) below the teacher's best at NFE 1 and 2 by a wide
   margin, defined as less than half of it;
 - ``toy_*``: the Gaussian-mixture map error shrinks with training, and CD's is below CT's.
@@ -123,25 +129,27 @@ PRESETS = {
     "full": dict(
         resolution=8, batch=64, lr=5e-4, beta2=0.99, ema=0.995,
         teacher_cd_lr=1e-3, teacher_cd_beta2=0.999, teacher_cd_ema=0.999,
-        teacher_steps=6000, cd_steps=3000, ct_steps=3000, ict_steps=3000,
+        teacher_steps=6000, cd_steps=3000, ct_steps=3000, ict_steps=3000, ect_steps=3000,
+        ect_stages=8,
         train_seeds=[0], sample_seeds=[0, 1, 2], num_eval=2000, eval_batch=500,
         heun_steps=[1, 2, 3, 5, 10, 18], euler_steps=[2, 4],
         ct_s1=20, ct_mu0=0.9,
         mid_sweep=[0.2, 0.4, 0.821, 1.38, 2.5, 5.0, 10.0], search_seed=1000, search_grid=40,
         toy_steps=[250, 500, 1000, 2000], toy_methods=["cd", "ct"], toy_eval_n=2000,
-        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_rinit"],
+        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "ct_ref", "cd_l2_rinit"],
     ),
     # A couple of minutes: every stage runs, the numbers mean little.
     "smoke": dict(
         resolution=8, batch=32, lr=5e-4, beta2=0.99, ema=0.99,
         teacher_cd_lr=1e-3, teacher_cd_beta2=0.999, teacher_cd_ema=0.99,
-        teacher_steps=150, cd_steps=60, ct_steps=100, ict_steps=100,
+        teacher_steps=150, cd_steps=60, ct_steps=100, ict_steps=100, ect_steps=100,
+        ect_stages=8,
         train_seeds=[0], sample_seeds=[0, 1, 2], num_eval=300, eval_batch=300,
         heun_steps=[1, 2, 3, 10], euler_steps=[2],
         ct_s1=20, ct_mu0=0.9,
         mid_sweep=[0.821, 2.5], search_seed=1000, search_grid=40,
         toy_steps=[100, 200], toy_methods=["cd", "ct"], toy_eval_n=2000,
-        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_rinit"],
+        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "ct_ref", "cd_l2_rinit"],
     ),
 }
 
@@ -151,6 +159,8 @@ TWO_STEP = {
     "cd": dict(ts=[0, 22, 39], steps=40, source="ImageNet 64 CD, ts=0,22,39 / 40"),
     "ct": dict(ts=[0, 62, 150], steps=151, source="LSUN Cat CT, ts=0,62,150 / 151"),
     "ict": dict(ts=[0, 788, 1280], steps=1281, source="iCT CIFAR-10, sigma 0.821 "
+                "(ts=0,788,1280 / 1281)"),
+    "ect": dict(ts=[0, 788, 1280], steps=1281, source="ECT CIFAR-10, sigma 0.821 "
                 "(ts=0,788,1280 / 1281)"),
 }
 
@@ -187,6 +197,12 @@ METHODS = {
     "ict": dict(label="iCT (pseudo-Huber)", mode="ict", family="ict",
                 overrides=["loss.mode=ict", "loss.metric=pseudo_huber", "loss.ict_s0=10",
                            "loss.ict_s1=1280"]),
+    # ECT from the same teacher export as CD; the stage length spreads ect_stages over the run.
+    "ect": dict(label="ECT (from the teacher)", mode="ect", family="ect",
+                overrides=["loss.mode=ect", "loss.metric=pseudo_huber", "loss.huber_c=0",
+                           "loss.ect_q=2", "loss.ect_k=8", "loss.ect_b=1",
+                           "loss.ect_weighting=inverse_gap",
+                           "loss.ect_stage_steps={ect_stage_steps}"]),
 }
 
 
@@ -234,8 +250,8 @@ def optim_of(s: dict, method: str) -> tuple[float, float, float]:
 
 
 def train_overrides(s: dict, method: str, seed: int, teacher: str | None, vgg: str | None):
-    steps = s[{"edm": "teacher_steps", "ct": "ct_steps", "ict": "ict_steps"}.get(
-        METHODS[method]["mode"], "cd_steps")]
+    steps = s[{"edm": "teacher_steps", "ct": "ct_steps", "ict": "ict_steps",
+               "ect": "ect_steps"}.get(METHODS[method]["mode"], "cd_steps")]
     lr, beta2, ema = optim_of(s, method)
     res = int(s["resolution"])
     ov = [
@@ -252,12 +268,19 @@ def train_overrides(s: dict, method: str, seed: int, teacher: str | None, vgg: s
         f"sample.ema={ema_name_of(ema)}", "sample.num_grid=16", "sample.ts=[0,20,39]",
         "sample.steps=40",
     ]
-    ov += [o.format(**s) for o in METHODS[method]["overrides"]]
-    if METHODS[method]["mode"] == "cd":
+    fields = dict(s, ect_stage_steps=ect_stage_steps(s))
+    ov += [o.format(**fields) for o in METHODS[method]["overrides"]]
+    if METHODS[method]["mode"] in ("cd", "ect"):  # both start from the teacher's export
         ov.append(f"loss.teacher={teacher}")
     if method == "cd_lpips":
         ov.append(f"loss.lpips_weights={vgg}")
     return ov, steps
+
+
+def ect_stage_steps(s: dict) -> int:
+    """ECT's stage length: ``ect_stages`` stages over the run (the authors' CIFAR-10 run has 8:
+    25k of 200k steps)."""
+    return max(1, math.ceil(int(s["ect_steps"]) / int(s["ect_stages"])))
 
 
 def run_dir_for(work: str, method: str, seed: int, overrides: list) -> str:
@@ -513,12 +536,26 @@ def run_checks(cells: dict, methods: list) -> list:
                 name = f"ct_2_beats_1{tag}" + (f"[{m}]" if m != "ct" else "")
                 add(name, f"{METHODS[m]['label']}: 2 steps ({what}) beat 1 step", get(m, key),
                     get(m, "cm1"), a_label=f"NFE 2 ({what})", b_label="NFE 1")
+        for m in cms:
+            if METHODS[m]["mode"] == "ect":
+                add(f"ect_2_beats_1{tag}", f"{METHODS[m]['label']}: 2 steps ({what}) beat 1 "
+                    "step", get(m, key), get(m, "cm1"), a_label=f"NFE 2 ({what})",
+                    b_label="NFE 1")
     add("cd_beats_ct_nfe1", "CD beats CT at NFE 1 (both l2)", get("cd_l2", "cm1"),
         get("ct", "cm1"), a_label="CD (l2)", b_label="CT (l2)")
     for key, tag, what in (("cm2", "", "searched mid"), ("cm2pub", "_published_ts",
                                                            "published ts")):
         add(f"cd_beats_ct_nfe2{tag}", f"CD beats CT at NFE 2 (both l2; {what})",
             get("cd_l2", key), get("ct", key), a_label="CD (l2)", b_label="CT (l2)")
+    if "ect" in methods and "ict" in methods:
+        add("ect_beats_ict_nfe1", "ECT (from the teacher) beats iCT at NFE 1 and equal "
+            "training steps", get("ect", "cm1"), get("ict", "cm1"), a_label="ECT",
+            b_label="iCT")
+        for key, tag, what in (("cm2", "", "searched mid"), ("cm2pub", "_published_ts",
+                                                               "published ts")):
+            add(f"ect_beats_ict_nfe2{tag}", f"ECT (from the teacher) beats iCT at NFE 2 and "
+                f"equal training steps ({what})", get("ect", key), get("ict", key),
+                a_label="ECT", b_label="iCT")
     t1, t2 = get("edm", "heun1"), get("edm", "euler2")
     tmin = None
     if t1 is not None and t2 is not None:
@@ -565,11 +602,12 @@ def write_table(res: dict, path: str) -> str:
         "# Quality benchmark: the paper's table at small scale (CPU)",
         "",
         f"Digits 8x8 (scikit-learn, {res['reference']['count']} real images), tiny16 UNet "
-        f"(image_size {s['resolution']}), batch {s['batch']}; CT and iCT: Adam lr {s['lr']} "
+        f"(image_size {s['resolution']}), batch {s['batch']}; CT, iCT and ECT: Adam lr {s['lr']} "
         f"betas (0.9, {s['beta2']}), evaluation EMA {s['ema']}; EDM teacher and CD: Adam lr "
         f"{s['teacher_cd_lr']} betas (0.9, {s['teacher_cd_beta2']}), evaluation EMA "
         f"{s['teacher_cd_ema']}. Training steps: teacher {s['teacher_steps']}, CD "
-        f"{s['cd_steps']}, CT {s['ct_steps']}, iCT {s['ict_steps']}. FD = Frechet distance of "
+        f"{s['cd_steps']}, CT {s['ct_steps']}, iCT {s['ict_steps']}, ECT {s['ect_steps']}. "
+        f"FD = Frechet distance of "
         f"DigitsExtractor features (offline digits CNN; comparable only with itself), "
         f"{s['num_eval']} samples per value, mean +- std over {len(s['train_seeds'])} training "
         f"seed(s) x {len(s['sample_seeds'])} sampling seeds. Preset `{res['preset']}`.",
@@ -820,7 +858,7 @@ def main(argv=None) -> int:
     runs: dict = {}
     teachers = {}
     for seed in s["train_seeds"]:
-        if "edm" in methods or any(METHODS[m]["mode"] == "cd" for m in methods):
+        if "edm" in methods or any(METHODS[m]["mode"] in ("cd", "ect") for m in methods):
             rec = train(work, s, "edm", seed, fresh=a.fresh)
             runs[("edm", seed)] = rec
             teachers[seed] = export_teacher(rec["run_dir"], ema_name_of(optim_of(s, "edm")[2]))
@@ -942,6 +980,10 @@ def main(argv=None) -> int:
         "diagnostic starts from random weights, the trainer's default.",
         "CT: s0=2, s1=" f"{s['ct_s1']}, mu0={s['ct_mu0']} over {s['ct_steps']} steps; the "
         "reference curriculum (s1=150, mu0=0.95) is the ct_ref diagnostic.",
+        f"ECT starts from the same teacher export as CD and is tuned for {s['ect_steps']} steps "
+        f"in {s['ect_stages']} stages of {ect_stage_steps(s)} (the gap t - r halves at each), "
+        "metric ||a - b|| (pseudo-Huber c=0), weighting 1/(t - r), no dropout; optimiser and "
+        "EMA as iCT's, so the ECT/iCT checks compare the methods at equal steps.",
         "Two steps, 'searched mid': ternary search of the FD over p in ts=0,p,"
         f"{s['search_grid'] - 1}/{s['search_grid']} on sampling seed {s['search_seed']} (the "
         "reference's scripts/ternary_search.py procedure), then evaluated on the sampling seeds "

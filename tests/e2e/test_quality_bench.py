@@ -19,8 +19,8 @@ from tests.support import REPO
 ROOT = REPO
 SCRIPT = ROOT / "benchmarks" / "quality" / "run.py"
 
-METHODS = ["edm", "cd_l2", "cd_ph", "ct", "ict", "ct_ref", "cd_l2_rinit"]
-TINY = ["teacher_steps=20", "cd_steps=4", "ct_steps=6", "ict_steps=6", "batch=16",
+METHODS = ["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "ct_ref", "cd_l2_rinit"]
+TINY = ["teacher_steps=20", "cd_steps=4", "ct_steps=6", "ict_steps=6", "ect_steps=6", "batch=16",
         "num_eval=64", "eval_batch=64", "sample_seeds=[0,1]", "heun_steps=[1,2]",
         "euler_steps=[2]", "mid_sweep=[0.821]", "search_grid=10", "toy_steps=[20,40]",
         "toy_eval_n=300"]
@@ -56,7 +56,9 @@ def _check_outputs(out: Path, stdout: str, methods):
     # every ordering check is evaluated and printed (PASS or FAIL: tiny runs decide nothing)
     names = [c["name"] for c in res["checks"]]
     for n in ("teacher_many_steps_best", "ct_2_beats_1", "cd_beats_ct_nfe1", "cd_beats_ct_nfe2",
-              "cd1_beats_teacher_1_2", "cd_2_beats_1[cd_l2]", "toy_cd_map_err_shrinks"):
+              "cd1_beats_teacher_1_2", "cd_2_beats_1[cd_l2]", "toy_cd_map_err_shrinks",
+              "ect_2_beats_1", "ect_beats_ict_nfe1", "ect_beats_ict_nfe2",
+              "ect_beats_ict_nfe2_published_ts"):
         assert n in names
     for c in res["checks"]:
         assert c["status"] in ("PASS", "FAIL"), c
@@ -64,6 +66,12 @@ def _check_outputs(out: Path, stdout: str, methods):
     assert "cd_lpips" in res["not_run"]  # no VGG16 weights here (LPIPS_VGG16 emptied)
     table = (out / "table.md").read_text()
     assert "| EDM teacher |" in table and "CD (pseudo-Huber, LPIPS substitute)" in table
+    assert "| ECT (from the teacher) | 2 steps, published ts (mid 0.821) | 2 |" in table
+    # ECT is tuned from the teacher's export, like CD, through the stages of its run
+    ect = res["training"]["ect|seed0"]
+    assert any(o.startswith("loss.teacher=") and o.endswith(".safetensors")
+               for o in ect["overrides"])
+    assert "loss.ect_stage_steps=1" in ect["overrides"]  # ect_stages 8 over 6 steps
     assert "CD (LPIPS) | not run" in table
     from PIL import Image
 
