@@ -287,6 +287,8 @@ def validate(cfg: Config) -> Config:
         ("loss.start_ema", 0 < cfg.loss.start_ema < 1, "must be in (0, 1)"),
         ("loss.target_ema", 0 <= cfg.loss.target_ema < 1, "must be in [0, 1)"),
         ("loss.num_scales", cfg.loss.num_scales >= 2, "must be >= 2"),
+        ("loss.huber_c", cfg.loss.huber_c < 0 or cfg.loss.metric == "pseudo_huber",
+         "is pseudo-Huber's constant: set loss.metric=pseudo_huber too"),
         ("loss.ect_stage_steps", cfg.loss.ect_stage_steps >= 1, "must be >= 1"),
         ("loss.ect_q", cfg.loss.ect_q > 1, "must be > 1 (the gap shrinks by q per stage)"),
         ("loss.ect_k", cfg.loss.ect_k >= 0, "must be >= 0"),

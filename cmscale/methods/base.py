@@ -2,11 +2,11 @@
 
 ``schedule(step)`` gives ``(N, mu)``: the number of grid points and the target EMA rate at
 that step (``(None, None)`` for a method without either; ECT, which has no grid, gives its
-stage in place of N). ``loss(net, target, images, labels,
-N)`` returns per-example losses of one micro-batch (no reduction, no distributed calls): ``net``
-is what the forward goes through, ``target`` the network the loss takes its target from (the
-EMA target when ``needs_target``, else the online network; EDM ignores it). After an applied
-step the trainer moves the EMA target: ``target <- mu * target + (1 - mu) * net``.
+stage in place of N). ``loss(net, target, images, labels, N)`` returns per-example losses of
+one micro-batch (no reduction, no distributed calls): ``net`` is what the forward goes
+through, ``target`` the network the loss takes its target from (the EMA target when
+``needs_target``, else the online network; EDM ignores it). After an applied step the trainer
+moves the EMA target: ``target <- mu * target + (1 - mu) * net``.
 """
 
 from __future__ import annotations

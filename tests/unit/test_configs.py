@@ -114,6 +114,8 @@ def test_ect_student_is_the_teachers_network():
     c = cfg("quickstart", "loss.mode=ect", "loss.teacher=edm.safetensors")
     assert (c.loss.ect_q, c.loss.ect_k, c.loss.ect_b, c.loss.ect_stage_steps) == (2.0, 8.0, 1.0,
                                                                                   25_000)
+    with pytest.raises(ConfigError, match="loss.huber_c=0.0: is pseudo-Huber's constant"):
+        cfg("quickstart", "loss.metric=l2", "loss.huber_c=0")  # would be silently unused
     with pytest.raises(ConfigError, match="loss.teacher_preset='tiny32': the ECT student"):
         cfg("quickstart", "loss.mode=ect", "loss.teacher=edm.safetensors",
             "loss.teacher_preset=tiny32")
