@@ -53,6 +53,7 @@ class LossConfig:
     mode: str = "ct"                         # edm | cd | ct | ict
     metric: str = "l2"                       # l2 | l1 | lpips | pseudo_huber
     lpips_weights: str = ""                  # local VGG16 file (else the torch hub cache)
+    lpips_variant: str = "reference"         # reference (piq's: average pooling) | lpips (max)
     # CT curriculum (reference "progressive" N, "adaptive" target EMA)
     start_scales: int = 2                    # s0
     end_scales: int = 150                    # s1
@@ -244,6 +245,7 @@ CHOICES = {
     "loss.mode": ("edm", "cd", "ct", "ict"),
     "loss.metric": ("l2", "l1", "lpips", "pseudo_huber"),
     "loss.solver": ("heun", "euler"),
+    "loss.lpips_variant": ("reference", "lpips"),
     "optim.name": ("radam", "adam", "adamw"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("ddp", "deepspeed"),

@@ -71,6 +71,7 @@ class Method:
 def consistency_kwargs(cfg: Config, device) -> dict:
     """The metric and the Karras grid shared by the CD, CT and iCT losses."""
     lc, nc = cfg.loss, cfg.net
-    metric = (losses.LPIPS(weights=lc.lpips_weights or None, device=device)
+    metric = (losses.LPIPS(weights=lc.lpips_weights or None, device=device,
+                           variant=lc.lpips_variant)
               if lc.metric == "lpips" else losses.make_metric(lc.metric))
     return dict(metric=metric, sigma_min=nc.sigma_min, sigma_max=nc.sigma_max, rho=nc.rho)
