@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmscale import losses
+from cmscale import dist, losses, parallel
+from cmscale.config import load_config
 
 # ----------------------------------------------------------------------------- LPIPS
 
@@ -92,3 +93,102 @@ def test_lpips_is_computed_in_fp32_under_autocast(tmp_path):
 def test_lpips_variant_is_checked():
     with pytest.raises(ValueError, match="variant"):
         losses.LPIPS(random_backbone=True, variant="vgg")
+
+
+# ----------------------------------------------------------------------------- fp16 loss scale
+
+
+def test_fp16_loss_scale_follows_the_reference_rule():
+    """log2(scale) starts at 20, grows by 1e-3 per applied step, falls by 1 on overflow (the
+    step skipped); the applied update is the unscaled gradient's; the state is saved exactly."""
+    cfg = load_config(None, ["train.precision=fp16", "optim.name=adam", "optim.lr=0.1"])
+    info = dist.DistInfo("none", 0, 1, 0, torch.device("cpu"), None)
+    torch.manual_seed(0)
+    net, twin = nn.Linear(4, 1), nn.Linear(4, 1)
+    twin.load_state_dict(net.state_dict())
+    backend = parallel.DDPBackend(net, torch.optim.Adam(net.parameters(), lr=0.1), cfg, info)
+    plain = torch.optim.Adam(twin.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    lg = 20.0
+    for step in range(5):
+        assert backend.loss_scale.scale == 2.0**lg
+        if step == 2:  # an overflow: halve, skip, nothing changes
+            before = [p.clone() for p in net.parameters()]
+            backend.backward(net(x).sum() * float("inf"))
+            assert backend.step() is False
+            assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+            lg -= 1.0
+            continue
+        backend.backward(net(x).pow(2).mean())
+        assert backend.step() is True
+        twin(x).pow(2).mean().backward()
+        plain.step()
+        plain.zero_grad()
+        lg += 1e-3
+        for a, b in zip(net.parameters(), twin.parameters()):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert backend.loss_scale.log2_scale == lg  # the same float sums as the reference's
+    assert math.isclose(lg, 20 + 4e-3 - 1, rel_tol=1e-12)
+    saved = backend.state()["scaler"]
+    fresh = parallel.DDPBackend(nn.Linear(4, 1), torch.optim.Adam(net.parameters()), cfg, info)
+    fresh.restore({"scaler": saved}, None)
+    assert fresh.loss_scale.log2_scale == lg  # bit for bit, growth included
+    fresh.restore({"scaler": {"scale": torch.tensor(2.0**19)}}, None)  # an older checkpoint
+    assert fresh.loss_scale.log2_scale == 19.0
+
+
+def test_fp16_loss_scale_doubles_per_1000_steps_not_2000():
+    s = parallel.LossScale(2.0**20)
+    for _ in range(1000):
+        s.update(True)
+    assert s.scale == pytest.approx(2.0**21, rel=1e-9)
+    cfg = load_config(None, ["train.precision=fp16", "train.backend=deepspeed",
+                             "train.zero_stage=1"])
+    ds = parallel.deepspeed_config(cfg, 4, 1, 1)
+    assert ds["fp16"]["loss_scale_window"] == 1000 and ds["fp16"]["initial_scale_power"] == 20
+
+
+# ----------------------------------------------------------------------------- EDM sampler
+
+
+def test_edm_heun_two_steps_by_hand_with_clamped_estimates():
+    """edm_sample(num_steps=2): Heun from sigma_max to sigma_min, then Euler to 0, with every
+    denoised estimate clamped to [-1, 1] (the reference's clip_denoised), written out by hand."""
+    from cmscale import solvers
+
+    def D(x, sigma, class_labels=None):  # a denoiser whose estimates leave [-1, 1]
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
+        return torch.tanh(x / (s**2 + 1).sqrt()) + 0.4 * torch.sin(3 * x)
+
+    z = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s0, s1 = 3.0, 0.3  # the Karras grid of 2 levels is (sigma_max, sigma_min)
+    c = lambda v: v.clamp(-1, 1)
+    x0 = s0 * z
+    d0 = (x0 - c(D(x0, torch.full((6,), s0, dtype=torch.float64)))) / s0
+    x_e = x0 + (s1 - s0) * d0
+    d1 = (x_e - c(D(x_e, torch.full((6,), s1, dtype=torch.float64)))) / s1
+    x1 = x0 + (s1 - s0) * (d0 + d1) / 2
+    d2 = (x1 - c(D(x1, torch.full((6,), s1, dtype=torch.float64)))) / s1
+    want = (x1 + (0.0 - s1) * d2).clamp(-1, 1)
+    assert ((want > -1) & (want < 1)).float().mean() > 0.5  # not a saturated comparison
+    got = solvers.edm_sample(D, z, num_steps=2, sigma_min=s1, sigma_max=s0)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    # clamping only the output (the old behaviour) gives another result
+    old = solvers.edm_sample(D, z, num_steps=2, sigma_min=s1, sigma_max=s0, clamp=False)
+    assert (old.clamp(-1, 1) - want).abs().max() > 1e-2
+
+
+def test_edm_sampler_default_is_the_reference_40_steps():
+    from cmscale import solvers
+    from cmscale.sampler import Sampler
+
+    assert Sampler.parse("edm").steps == 40 and Sampler.parse("edm").nfe == 79
+    assert Sampler.from_flags("edm").steps == 40
+    calls = []
+
+    def D(x, sigma, class_labels=None):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    solvers.edm_sample(D, torch.zeros(1, 2))
+    assert len(calls) == 79
