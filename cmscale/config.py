@@ -65,8 +65,9 @@ class LossConfig:
     teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
     teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
     solver: str = "heun"                     # heun | euler (cd)
-    init_from_teacher: bool = False          # cd: start the student (target, EMAs) from the
-                                             # teacher's weights, as the reference does
+    init_from_teacher: bool = False          # cd/ct/ict: start the student (target, EMAs)
+                                             # from loss.teacher's weights, as the reference
+                                             # does whenever it is given a teacher
     # iCT
     ict_s0: int = 10
     ict_s1: int = 1280
@@ -293,6 +294,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r}: {why}")
     if cfg.loss.mode == "cd" and not cfg.loss.teacher:
         raise ConfigError("loss.teacher: CD needs a teacher checkpoint (loss.teacher=PATH)")
+    if cfg.loss.init_from_teacher and (cfg.loss.mode == "edm" or not cfg.loss.teacher):
+        raise ConfigError("loss.init_from_teacher: needs loss.teacher=PATH (the weights to "
+                          "start from) and a consistency mode (cd, ct, ict)")
     if cfg.train.backend == "deepspeed" and cfg.train.zero_stage == 0:
         raise ConfigError("train.zero_stage: the deepspeed backend needs a ZeRO stage 1, 2 or 3")
     ts = [int(t) for t in cfg.sample.ts]

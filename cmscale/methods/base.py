@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import losses
 from ..config import Config
+from ..netfile import load_strict
 from ..networks import ConsistencyPrecond
 from ..sampler import Sampler
 
@@ -39,7 +40,10 @@ class Method:
 
     def prepare(self, net: nn.Module) -> None:
         """Set up with the freshly built student, before its target and EMAs copy it and
-        before the first loss (the trainer calls it once)."""
+        before the first loss (the trainer calls it once). By default: with
+        ``loss.init_from_teacher``, copy the weights of ``loss.teacher`` into the student (the
+        reference's ``cm_train.py`` does so whenever a teacher is given, for CT too)."""
+        init_from_teacher(self.cfg, net)
 
     def target_horizon_warning(self) -> str | None:
         """A warning when the target still averages over a large part of the run at its end
@@ -66,6 +70,14 @@ class Method:
         configured multistep (``sample.ts``/``sample.steps``)."""
         return [Sampler("onestep"),
                 Sampler("ts", ts=tuple(int(t) for t in cfg.sample.ts), steps=int(cfg.sample.steps))]
+
+
+def init_from_teacher(cfg: Config, net: nn.Module) -> None:
+    """With ``loss.init_from_teacher``: the student's UNet gets ``loss.teacher``'s weights (a
+    resume then loads its checkpoint over them)."""
+    if cfg.loss.init_from_teacher:
+        load_strict(net.model, cfg.loss.teacher, cfg.net.preset,
+                    what="loss.init_from_teacher: loss.teacher")
 
 
 def consistency_kwargs(cfg: Config, device) -> dict:

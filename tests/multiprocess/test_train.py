@@ -262,8 +262,10 @@ def test_resume_from_a_checkpoint_with_a_whole_target(tmp_path, cache, monkeypat
         assert torch.equal(a, b)
 
 
-def test_cd_student_starts_from_the_teacher(tmp_path, cache, monkeypatch):
-    """loss.init_from_teacher: the student, its target and its EMAs start as the teacher."""
+@pytest.mark.parametrize("mode", ["cd", "ct", "ict"])
+def test_student_starts_from_the_teacher(tmp_path, cache, monkeypatch, mode):
+    """loss.init_from_teacher: the student, its target and its EMAs start as the teacher (CT
+    and iCT too: the reference's cm_train.py copies the teacher whenever it is given one)."""
     from cmscale.ema import frozen_copy
     from cmscale.networks import create_unet
     from cmscale.training_loop import Trainer
@@ -274,10 +276,11 @@ def test_cd_student_starts_from_the_teacher(tmp_path, cache, monkeypatch):
     teacher = create_unet("tiny16")
     path = str(tmp_path / "teacher.safetensors")
     save_state_dict(teacher.state_dict(), path)
-    base = TINY + ["data.num_workers=0", "loss.mode=cd", f"loss.teacher={path}"]
+    base = TINY + ["data.num_workers=0", f"loss.mode={mode}", f"loss.teacher={path}"]
     t = Trainer(load_config(None, base + ["loss.init_from_teacher=true"]), str(tmp_path / "a"))
-    nets = {"online": t.net, "target": t.target.gather(frozen_copy(t.net)),
-            "ema": t.emas["ema_0_9"].gather(frozen_copy(t.net))}
+    nets = {"online": t.net, "ema": t.emas["ema_0_9"].gather(frozen_copy(t.net))}
+    if t.target is not None:
+        nets["target"] = t.target.gather(frozen_copy(t.net))
     for which, net in nets.items():
         for (k, a), b in zip(net.model.state_dict().items(), teacher.state_dict().values()):
             assert torch.equal(a, b), (which, k)
@@ -286,6 +289,8 @@ def test_cd_student_starts_from_the_teacher(tmp_path, cache, monkeypatch):
     with pytest.raises(ValueError, match="init_from_teacher"):
         Trainer(load_config(None, base + ["loss.init_from_teacher=true",
                                           "net.overrides.model_channels=64"]), str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="loss.teacher"):  # nothing to start from
+        load_config(None, TINY + [f"loss.mode={mode}", "loss.init_from_teacher=true"])
 
 
 def test_stop_request_on_the_last_step_finishes_the_run(tmp_path, cache, monkeypatch):

@@ -192,3 +192,40 @@ def test_edm_sampler_default_is_the_reference_40_steps():
 
     solvers.edm_sample(D, torch.zeros(1, 2))
     assert len(calls) == 79
+
+
+# ----------------------------------------------------------------------------- editing
+
+
+def test_colorize_starts_from_algorithm_4_state():
+    """The start is A^-1[(A y)(1 - Omega)] with A the reference's QR colour basis: the
+    luminance coordinate of y, the two chroma coordinates zero."""
+    import numpy as np
+
+    from cmscale import editing
+
+    m = np.eye(3)
+    m[:, 0] = np.asarray(editing.LUMA) / np.linalg.norm(editing.LUMA)
+    Q = torch.from_numpy(np.linalg.qr(m)[0])
+    Q = -Q if Q[:, 0].sum() < 0 else Q  # the reference's orthogonal matrix
+    torch.manual_seed(0)
+    y = torch.rand(2, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    coords = torch.einsum("bchw,cd->bdhw", y, Q)
+    coords[:, 1:] = 0
+    want = torch.einsum("bdhw,cd->bchw", coords, Q)
+    c = editing.Colorize(y)
+    assert torch.allclose(c.start(), want, atol=1e-12)
+    assert not torch.allclose(c.shown(), want, atol=1e-2)  # the grey is shown, not started from
+    # the first network input is that start plus t_1 z
+    seen = []
+
+    def net(x, sigma, labels=None):
+        seen.append(x.clone())
+        return torch.zeros_like(x)
+
+    from cmscale.sampling import PerImageNoise
+
+    noise = PerImageNoise(0, range(2), (3, 4, 4), dtype=torch.float64)
+    editing.edit_sample(net, noise, [80.0], c.start(), c)
+    z = PerImageNoise(0, range(2), (3, 4, 4), dtype=torch.float64).next()
+    assert torch.allclose(seen[0], want + 80.0 * z, atol=1e-10)
