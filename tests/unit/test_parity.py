@@ -229,3 +229,106 @@ def test_colorize_starts_from_algorithm_4_state():
     editing.edit_sample(net, noise, [80.0], c.start(), c)
     z = PerImageNoise(0, range(2), (3, 4, 4), dtype=torch.float64).next()
     assert torch.allclose(seen[0], want + 80.0 * z, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- loss values
+
+
+class ConvNet(nn.Module):
+    """A small image network with dropout, same protocol as the UNet (noise labels, classes)."""
+
+    def __init__(self, dropout=0.0, num_classes=0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.drop = nn.Dropout(dropout)
+        self.emb = nn.Embedding(num_classes, 3) if num_classes else None
+
+    def forward(self, x, noise_labels, class_labels=None):
+        h = self.conv(x) * torch.cos(noise_labels[:, None, None, None] / 100)
+        if self.emb is not None:
+            h = h + self.emb(class_labels)[:, :, None, None]
+        return self.drop(h)
+
+
+def _nets(dropout=0.0, num_classes=0):
+    from cmscale.networks import ConsistencyPrecond
+
+    torch.manual_seed(0)
+    net = ConsistencyPrecond(ConvNet(dropout, num_classes)).train()
+    target = ConsistencyPrecond(ConvNet(dropout, num_classes)).train()  # other weights
+    return net, target
+
+
+def test_ct_loss_value_at_a_fixed_random_state():
+    from tests.support import reference
+
+    net, target = _nets(dropout=0.3)
+    x = torch.rand(8, 3, 8, 8) * 2 - 1
+    torch.manual_seed(5)
+    got = losses.CTLoss("l2")(net, x, num_scales=10, target=target)
+    torch.manual_seed(5)
+    want = reference.pair_loss(net, target, x, 10)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert want.std() > 0.1 * want.mean()  # per-sample values, not a constant
+    got.mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert all(p.grad is None for p in target.parameters())  # the target gets no gradient
+
+
+def test_cd_loss_value_and_labels_reach_the_teacher():
+    """CD at a fixed random state against the hand-written Heun step; the teacher sees the
+    class labels in both of its evaluations."""
+    from cmscale.networks import EDMPrecond
+    from tests.support import reference
+
+    net, target = _nets(num_classes=5)
+    torch.manual_seed(1)
+    teacher = EDMPrecond(ConvNet(num_classes=5)).eval()
+    seen = []
+
+    def spy(x, sigma, class_labels=None):
+        seen.append(class_labels)
+        return teacher(x, sigma, class_labels)
+
+    x = torch.rand(6, 3, 8, 8) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    torch.manual_seed(7)
+    got = losses.CDLoss(spy, solver="heun")(net, x, num_scales=18, class_labels=y,
+                                            target=target)
+    assert len(seen) == 2 and all(s is y for s in seen)
+    torch.manual_seed(7)
+    want = reference.pair_loss(net, target, x, 18, teacher=teacher, labels=y)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    torch.manual_seed(7)
+    other = reference.pair_loss(net, target, x, 18, labels=y,
+                                teacher=lambda a, s, c: teacher(a, s, (c + 1) % 5))
+    assert not torch.allclose(other, want, rtol=1e-3)  # the labels matter to the value
+    torch.manual_seed(7)
+    euler = losses.CDLoss(teacher, solver="euler")(net, x, num_scales=18, class_labels=y,
+                                                   target=target)
+    assert not torch.allclose(euler, want, rtol=1e-3)
+
+
+def test_ict_weight_reaches_the_loss():
+    """iCT: the per-sample loss is 1/(sigma_n - sigma_{n+1}) times the pseudo-Huber distance
+    of the online and stop-gradient online outputs, n from the lognormal index law."""
+    from cmscale import schedules
+    from tests.support import reference
+
+    net, _ = _nets(dropout=0.3)
+    x = torch.rand(8, 3, 8, 8) * 2 - 1
+    loss = losses.ICTLoss()
+    probs = schedules.lognormal_index_probs(schedules.karras_sigmas(11)).float()
+    torch.manual_seed(3)
+    got = loss(net, x, num_scales=11)
+    torch.manual_seed(3)
+    want = reference.pair_loss(
+        net, net, x, 11, metric=reference.pseudo_huber,
+        index=lambda B: torch.multinomial(probs, B, replacement=True),
+        weight=lambda s, n: (1 / (s[:-1].double() - s[1:].double())).float()[n])
+    assert torch.allclose(got, want, rtol=1e-5)
+    torch.manual_seed(3)
+    unweighted = reference.pair_loss(
+        net, net, x, 11, metric=reference.pseudo_huber,
+        index=lambda B: torch.multinomial(probs, B, replacement=True))
+    assert not torch.allclose(got, unweighted, rtol=1e-2)
