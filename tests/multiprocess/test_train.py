@@ -314,3 +314,90 @@ def test_stop_request_on_the_last_step_finishes_the_run(tmp_path, cache, monkeyp
             sig.signal(s, h)
     done = checkpoint.latest_checkpoint(tmp_path / "run", warn=False)
     assert done is not None and done.meta["reason"] == "final" and done.nimg == 8
+
+
+def _flat(net):
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def test_trainer_target_is_the_ema_of_the_updated_online_net_with_the_same_k(
+        tmp_path, cache, monkeypatch):
+    """Inside the real Trainer: after the optimizer step of step k, target <- mu(k) target +
+    (1 - mu(k)) online (the updated weights), and the loss of step k used N(k)."""
+    from cmscale import schedules
+    from cmscale.training_loop import Trainer
+
+    monkeypatch.setenv("CMSCALE_CACHE", str(cache))
+    cfg = load_config(None, TINY + ["data.num_workers=0", "optim.name=adam", "optim.lr=0.01"])
+    t = Trainer(cfg, str(tmp_path / "run"))
+    used = []
+    loss = t.method.loss
+    monkeypatch.setattr(t.method, "loss", lambda net, target, images, labels, N:
+                        used.append(N) or loss(net, target, images, labels, N))
+    torch.manual_seed(0)
+    for k in range(3):
+        N, mu = schedules.ct_schedule(k, cfg.train.total_steps, cfg.loss.start_scales,
+                                      cfg.loss.end_scales, cfg.loss.start_ema)
+        assert (N, mu) != schedules.ct_schedule(k + 1, cfg.train.total_steps, 2, 150, 0.95)
+        target, online = t.target.local.clone(), _flat(t.net)
+        _, applied = t.train_step([(torch.rand(8, 3, 16, 16) * 2 - 1, None)])
+        assert applied and used[-1] == N
+        updated = _flat(t.net)
+        assert not torch.allclose(updated, online, atol=1e-6)  # the step moved the weights
+        err = (t.target.local - (mu * target + (1 - mu) * updated)).abs().max()
+        assert err < 1e-7, (k, err)
+        # the weights from before the step would give another target
+        stale = (t.target.local - (mu * target + (1 - mu) * online)).abs().max()
+        assert stale > 100 * err, (k, stale)
+        t.step += 1
+
+
+def test_ict_trainer_target_is_the_stop_gradient_online_net_with_shared_dropout(
+        tmp_path, cache, monkeypatch):
+    """iCT inside the real Trainer: no target network; the loss value and the gradient are
+    those of the online net against itself under no_grad, with the online pass's dropout
+    masks (written out in tests/support/reference.py)."""
+    import copy
+
+    from cmscale import schedules
+    from cmscale.training_loop import Trainer, step_seed
+    from tests.support import reference
+
+    monkeypatch.setenv("CMSCALE_CACHE", str(cache))
+    cfg = load_config(None, TINY + ["data.num_workers=0", "loss.mode=ict",
+                                    "loss.metric=pseudo_huber", "net.overrides.dropout=0.3"])
+    t = Trainer(cfg, str(tmp_path / "run"))
+    assert t.target is None and t.loss_target is t.net
+    grads = {}
+    step = t.backend.step
+
+    def capture():
+        grads.update({k: p.grad.clone() for k, p in t.net.named_parameters()
+                      if p.grad is not None})
+        return step()
+
+    monkeypatch.setattr(t.backend, "step", capture)
+    torch.manual_seed(1)
+    with torch.no_grad():  # the UNet zero-initialises the layers after its dropouts: wake them
+        for p in t.net.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    before = copy.deepcopy(t.net)
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    loss, applied = t.train_step([(images, None)])
+    assert applied
+    N, _ = t.method.schedule(0)
+    probs = schedules.lognormal_index_probs(schedules.karras_sigmas(N), cfg.loss.p_mean,
+                                            cfg.loss.p_std).float()
+    torch.manual_seed(step_seed(cfg.train.seed, 0, 0))
+    want = reference.pair_loss(
+        before, before, images, N, metric=reference.pseudo_huber,
+        index=lambda B: torch.multinomial(probs, B, replacement=True),
+        weight=lambda s, n: (1 / (s[:-1].double() - s[1:].double())).float()[n]).mean()
+    want.backward()
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+    assert grads.keys() == {k for k, p in before.named_parameters() if p.grad is not None}
+    for k, p in before.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k
