@@ -207,16 +207,44 @@ def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
     r = train(cd_run, cache, "loss.mode=cd", f"loss.teacher={out}", "train.total_steps=2",
               "checkpoint.every_images=0")
     assert r.returncode == 0, r.stdout
-    losses = losses_of(cd_run)
-    assert all(v == v and v > 0 for v in losses.values())  # finite, positive
+    # step 1's logged loss is the CD loss written out from Algorithm 2 (Heun step of the
+    # exported teacher, l2, uniform n) on the first batch with the step's seed
+    from cmscale import dist
+    from cmscale.methods import build_net
+    from cmscale.methods.cd import build_teacher
+    from cmscale.training_loop import build_data, step_seed
+    from tests.support import reference
+
+    cfg = load_config(None, TINY + ["loss.mode=cd", f"loss.teacher={out}",
+                                    "train.total_steps=2"])
+    torch.manual_seed(cfg.train.seed)
+    student = build_net(cfg).train()
+    os.environ["CMSCALE_CACHE"] = str(cache)
+    try:
+        loader = build_data(cfg, dist.info(), 1, 0, torch.device("cpu"))[0]
+        images, _ = next(iter(loader))
+    finally:
+        del os.environ["CMSCALE_CACHE"]
+    teacher = build_teacher(cfg, torch.device("cpu"))  # (building it draws random numbers)
+    torch.manual_seed(step_seed(cfg.train.seed, 0, 0))
+    with torch.no_grad():
+        want = reference.pair_loss(student, student, images, cfg.loss.num_scales,
+                                   teacher=teacher).mean()
+    assert losses_of(cd_run)[1] == pytest.approx(want.item(), rel=1e-5)
     # a teacher file that does not fit the preset is a clear error before training
     r = train(tmp_path / "bad", cache, "loss.mode=cd", f"loss.teacher={out}",
               "loss.teacher_preset=tiny32")
     assert r.returncode == 2 and "does not fit UNet preset" in r.stdout
-    # fp16 with dynamic loss scaling runs on the DDP path
+    # fp16 with the reference's dynamic loss scale on the DDP path: log2(scale) starts at 20,
+    # +1e-3 per applied step, -1 per skipped one; the checkpoint holds it exactly
     r = train(tmp_path / "fp16", cache, "train.precision=fp16", "train.total_steps=2",
               "checkpoint.every_images=0")
     assert r.returncode == 0, r.stdout
+    skipped = r.stdout.count("step skipped")
+    state = {"scaler": {"log2_scale": torch.tensor(0.0, dtype=torch.float64)}}
+    checkpoint.load(checkpoint.checkpoint_path(tmp_path / "fp16", 16), state)
+    assert float(state["scaler"]["log2_scale"]) == pytest.approx(
+        20.0 + (2 - skipped) * 1e-3 - skipped, abs=1e-12)
 
 
 def test_fp16_resume_is_bit_identical(tmp_path, cache):
