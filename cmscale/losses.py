@@ -97,7 +97,7 @@ class LPIPS:
     - ``"lpips"``: the ``lpips`` package as published (torchvision's max pooling).
 
     The metric is computed in fp32 with autocast off, whatever the step's precision (the
-    reference computes it in fp32; in bf16 it is off by about 1e-2 relative).
+    reference computes it in fp32; under bf16 autocast it is off by up to a few 1e-3 relative).
 
     The VGG16 backbone comes from ``weights`` (a torchvision ``vgg16`` state dict) or the torch
     hub cache; a clear error is raised when neither exists. The small calibrated linear heads
