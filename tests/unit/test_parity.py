@@ -8,6 +8,7 @@ algorithms' definitions.
 
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -20,74 +21,69 @@ from cmscale.config import load_config
 # ----------------------------------------------------------------------------- LPIPS
 
 
-def _random_vgg_and_heads(tmp_path):
-    """A random torchvision VGG16 saved as a local weights file, and random positive heads."""
+@pytest.fixture(scope="module")
+def vgg(tmp_path_factory):
+    """Random VGG16 convolutions saved as a local torchvision-style weights file (features
+    only: the classifier is not used), and random positive LPIPS head weights."""
     import torchvision
 
     torch.manual_seed(0)
-    vgg = torchvision.models.vgg16(weights=None)
-    path = tmp_path / "vgg16.pth"
-    torch.save(vgg.state_dict(), path)
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
     heads = [torch.rand(1, c, 1, 1) for c in (64, 128, 256, 512, 512)]
-    return vgg, str(path), heads
+    return features, str(path), heads
 
 
-def _with_heads(metric, heads):
+def _lpips(vgg, variant):
+    _, path, heads = vgg
+    metric = losses.LPIPS(weights=path, variant=variant)
     for lin, w in zip(metric.model.lins, heads):
         lin.model[-1].weight.data.copy_(w)
     return metric
 
 
-@pytest.fixture
-def piq_lpips(tmp_path, monkeypatch):
-    """piq's LPIPS as the reference builds it, on the test's VGG16 and head weights (piq's
-    download of both is patched to return them)."""
+@pytest.fixture(scope="module")
+def reference_lpips(vgg):
+    return _lpips(vgg, "reference")
+
+
+def test_lpips_reference_variant_equals_piq(vgg, reference_lpips, monkeypatch):
+    """Against piq's LPIPS as the reference builds it, on the same VGG16 and head weights
+    (piq's download of both is patched to return them)."""
     import piq.perceptual
 
-    vgg, path, heads = _random_vgg_and_heads(tmp_path)
-    monkeypatch.setattr(piq.perceptual, "vgg16", lambda *a, **k: copy.deepcopy(vgg))
+    features, _, heads = vgg
+    monkeypatch.setattr(piq.perceptual, "vgg16",
+                        lambda *a, **k: types.SimpleNamespace(features=copy.deepcopy(features)))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
                         lambda *a, **k: [h.clone() for h in heads])
-    ref = piq.LPIPS(replace_pooling=True, reduction="none")
-
-    def reference(a, b):  # the reference's call: resize below 256 px, then [0, 1]
-        if a.shape[-1] < 256:
-            a = F.interpolate(a, size=224, mode="bilinear")
-            b = F.interpolate(b, size=224, mode="bilinear")
-        return ref((a + 1) / 2.0, (b + 1) / 2.0)
-
-    return reference, path, heads
-
-
-def test_lpips_reference_variant_equals_piq(piq_lpips):
-    reference, path, heads = piq_lpips
+    piq_lpips = piq.LPIPS(replace_pooling=True, reduction="none")
     torch.manual_seed(1)
-    a, b = torch.rand(3, 3, 16, 16) * 2 - 1, torch.rand(3, 3, 16, 16) * 2 - 1
-    want = reference(a, b)
-    got = _with_heads(losses.LPIPS(weights=path, variant="reference"), heads)(a, b)
-    assert want.shape == got.shape == (3,)
-    assert torch.allclose(got, want, rtol=1e-5, atol=0), (got, want)
-    # the lpips package's max pooling is a different metric (what cmscale used before)
-    old = _with_heads(losses.LPIPS(weights=path, variant="lpips"), heads)(a, b)
-    assert ((old - want).abs() / want).max() > 1e-2
-
-
-def test_lpips_is_computed_in_fp32_under_autocast(tmp_path):
-    _, path, heads = _random_vgg_and_heads(tmp_path)
-    metric = _with_heads(losses.LPIPS(weights=path), heads)
-    torch.manual_seed(2)
     a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    # the reference's call: bilinear resize to 224 below 256 px, then [0, 1]
+    up = lambda t: F.interpolate(t, size=224, mode="bilinear")
+    want = piq_lpips((up(a) + 1) / 2.0, (up(b) + 1) / 2.0)
+    got = reference_lpips(a, b)
+    assert want.shape == got.shape == (2,)
+    assert torch.allclose(got, want, rtol=1e-5, atol=0), (got, want)
+    # the lpips package's max pooling is another metric (what cmscale used before)
+    old = _lpips(vgg, "lpips")(a, b)
+    assert ((old - want).abs() / want).max() > 1e-3
+
+
+def test_lpips_is_computed_in_fp32_under_autocast(reference_lpips):
+    metric = reference_lpips
+    torch.manual_seed(2)
+    a, b = torch.rand(1, 3, 16, 16) * 2 - 1, torch.rand(1, 3, 16, 16) * 2 - 1
     want = metric(a, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = metric(a.bfloat16(), b.bfloat16())
-        low = metric.model(F.interpolate(a, size=224, mode="bilinear") / 2 + 0.5,
-                           F.interpolate(b, size=224, mode="bilinear") / 2 + 0.5,
-                           normalize=True).flatten()
+        got = metric(a, b)
+        up = lambda t: F.interpolate(t, size=224, mode="bilinear") / 2 + 0.5
+        low = metric.model(up(a), up(b), normalize=True).flatten()  # autocast reaching it
     assert got.dtype == torch.float32
-    # only the bf16 rounding of the inputs remains
-    assert torch.allclose(got, metric(a.bfloat16().float(), b.bfloat16().float()), rtol=1e-6)
-    assert torch.allclose(got, want, rtol=2e-2)
-    assert ((low.float() - want).abs() / want).max() > 1e-3  # what autocast alone would give
+    assert torch.allclose(got, want, rtol=1e-6)
+    assert ((low.float() - want).abs() / want).max() > 1e-5
 
 
 def test_lpips_variant_is_checked():
