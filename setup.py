@@ -26,7 +26,8 @@ extras_require = {
     "data": ["scikit-learn>=1.3", "scikit-image>=0.21", "lmdb>=1.4"],
 }
 extras_require["dev"] = sorted(
-    set(extras_require["cluster"] + extras_require["data"] + ["pytest>=7.4", "mpich>=4.1"])
+    set(extras_require["cluster"] + extras_require["data"]
+        + ["pytest>=7.4", "mpich>=4.1", "piq>=0.8"])  # piq: the reference LPIPS, for parity tests
 )
 
 setup(

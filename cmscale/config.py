@@ -55,6 +55,7 @@ class LossConfig:
     huber_c: float = -1.0                    # pseudo_huber's c; < 0: iCT's 0.00054 sqrt(dim)
                                              # (ECT's CIFAR-10 uses 0: the plain L2 norm)
     lpips_weights: str = ""                  # local VGG16 file (else the torch hub cache)
+    lpips_variant: str = "reference"         # reference (piq's: average pooling) | lpips (max)
     # CT curriculum (reference "progressive" N, "adaptive" target EMA)
     start_scales: int = 2                    # s0
     end_scales: int = 150                    # s1
@@ -67,8 +68,9 @@ class LossConfig:
     teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
     teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
     solver: str = "heun"                     # heun | euler (cd)
-    init_from_teacher: bool = False          # cd: start the student (target, EMAs) from the
-                                             # teacher's weights, as the reference does
+    init_from_teacher: bool = False          # cd/ct/ict: start the student (target, EMAs)
+                                             # from loss.teacher's weights, as the reference
+                                             # does whenever it is given a teacher
     # iCT
     ict_s0: int = 10
     ict_s1: int = 1280
@@ -255,6 +257,7 @@ CHOICES = {
     "loss.metric": ("l2", "l1", "lpips", "pseudo_huber"),
     "loss.solver": ("heun", "euler"),
     "loss.ect_weighting": ("inverse_gap", "karras"),
+    "loss.lpips_variant": ("reference", "lpips"),
     "optim.name": ("radam", "adam", "adamw"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("ddp", "deepspeed"),
@@ -316,6 +319,9 @@ def validate(cfg: Config) -> Config:
         if cfg.loss.teacher_preset and cfg.loss.teacher_preset != cfg.net.preset:
             raise ConfigError(f"loss.teacher_preset={cfg.loss.teacher_preset!r}: the ECT "
                               f"student is the teacher's network, net.preset={cfg.net.preset!r}")
+    if cfg.loss.init_from_teacher and (cfg.loss.mode == "edm" or not cfg.loss.teacher):
+        raise ConfigError("loss.init_from_teacher: needs loss.teacher=PATH (the weights to "
+                          "start from) and a consistency mode (cd, ct, ict)")
     if cfg.train.backend == "deepspeed" and cfg.train.zero_stage == 0:
         raise ConfigError("train.zero_stage: the deepspeed backend needs a ZeRO stage 1, 2 or 3")
     ts = [int(t) for t in cfg.sample.ts]

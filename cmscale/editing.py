@@ -2,7 +2,7 @@
 
     cmscale edit inpaint     --checkpoint CK --image I --mask M --out DIR
     cmscale edit colorize    --checkpoint CK --image I --out DIR
-    cmscale edit superres    --checkpoint CK --image I --factor 4 --out DIR
+    cmscale edit superres    --checkpoint CK --image I --factor 8 --out DIR
     cmscale edit stroke      --checkpoint CK --image SKETCH --sigma 20 --out DIR
     cmscale edit denoise     --checkpoint CK --image NOISY --sigma 0.5 --out DIR [--add-noise]
     cmscale edit interpolate --checkpoint CK --seed-a 0 --seed-b 1 --num 8 --out DIR
@@ -32,11 +32,14 @@ Tasks (what is kept exactly, in float32, in the output):
   luminance direction ``v = (0.2989, 0.5870, 0.1140) / |v|``; the known coordinate is
   ``v . rgb`` of the input (its luminance: a colour input is reduced to it). Putting it back is
   ``x0 + v (v.y - v.x0)``; the other two axes need not be built, they are orthogonal to v.
+  The start is Algorithm 4's: ``v (v.y)``, the two chroma coordinates zero (a tinted image,
+  not the grey of the same luminance; ``input.png`` shows that grey, for people).
 - ``superres``: A = per-patch orthonormal basis whose first vector is the constant one (the
   reference's QR construction), i.e. the known coordinate is each ``factor x factor`` patch's
   mean per channel. Putting it back is ``x0 - mean_patch(x0) + mean_patch(y)``. ``--image`` is
   the low-resolution image (side = resolution / factor) or a full-resolution one that is
-  reduced by patch averaging.
+  reduced by patch averaging. ``--factor`` defaults to 8, the reference's patch size (it uses
+  8x8 patches at 256 px); it must divide the resolution.
 - ``stroke`` (SDEdit-like): no constraint; start from ``sketch + sigma z`` at ``--sigma`` and run
   the levels below it.
 - ``denoise``: no constraint; the input already holds noise of std ``--sigma`` (on the [-1, 1]
@@ -114,7 +117,8 @@ class Colorize:
         self.grey = self.luma / self.v.sum() * torch.ones_like(y)  # in range, same luminance
 
     def start(self) -> torch.Tensor:
-        return self.grey
+        """Algorithm 4's start A^-1[(A y)(1 - Omega)]: the luminance, chroma coordinates 0."""
+        return self.v * self.luma
 
     def shown(self) -> torch.Tensor:
         return self.grey
@@ -343,7 +347,8 @@ def parse_args(argv=None):
         if task == "inpaint":
             s.add_argument("--mask", required=True, help="mask image: white = keep, black = fill")
         if task == "superres":
-            s.add_argument("--factor", type=int, default=4, help="patch side (default 4)")
+            s.add_argument("--factor", type=int, default=8,
+                           help="patch side (default 8, the reference's)")
         if task == "stroke":
             s.add_argument("--sigma", type=float, default=20.0, help="start noise level (20)")
         if task == "denoise":
@@ -434,7 +439,7 @@ def run(args) -> int:
             start = shown = replace.start()
         elif args.task == "colorize":
             replace = Colorize(y)
-            start = shown = replace.start()
+            start, shown = replace.start(), replace.shown()
         else:  # stroke, denoise: start at --sigma
             if not smin < args.sigma <= smax:
                 raise ValueError(f"--sigma must lie in ({smin}, {smax}]")

@@ -83,12 +83,23 @@ def _vgg_weights_path(explicit: str | None) -> str:
     )
 
 
+LPIPS_VARIANTS = ("reference", "lpips")
+
+
 class LPIPS:
-    """LPIPS (VGG) through the ``lpips`` package, used the way the reference uses it.
+    """LPIPS (VGG16) through the ``lpips`` package, used the way the reference uses it.
 
     Inputs in [-1, 1] are mapped to [0, 1] by (x + 1) / 2, and bilinearly resized to 224x224
-    when the image side is below 256 (the reference's rule; it calls piq's LPIPS, whose VGG
-    uses average instead of max pooling; ``lpips`` keeps torchvision's max pooling).
+    when the image side is below 256 (the reference's rule). ``variant``:
+
+    - ``"reference"``: the reference's metric, piq's ``LPIPS(replace_pooling=True)``: VGG16 with
+      2x2 average pooling instead of max pooling. piq's ImageNet mean/std normalisation of the
+      [0, 1] input is the same affine map as lpips' scaling layer, and its per-channel head
+      weights act like lpips' 1x1 linear layers, so only the pooling differs.
+    - ``"lpips"``: the ``lpips`` package as published (torchvision's max pooling).
+
+    The metric is computed in fp32 with autocast off, whatever the step's precision (the
+    reference computes it in fp32; under bf16 autocast it is off by up to a few 1e-3 relative).
 
     The VGG16 backbone comes from ``weights`` (a torchvision ``vgg16`` state dict) or the torch
     hub cache; a clear error is raised when neither exists. The small calibrated linear heads
@@ -96,9 +107,13 @@ class LPIPS:
     weights: distances are then not perceptual, only well-defined.
     """
 
-    def __init__(self, weights: str | None = None, random_backbone: bool = False, device=None):
+    def __init__(self, weights: str | None = None, random_backbone: bool = False, device=None,
+                 variant: str = "reference"):
         import lpips  # imported here: it pulls torchvision, not needed for l2 runs
 
+        if variant not in LPIPS_VARIANTS:
+            raise ValueError(f"LPIPS variant must be one of {LPIPS_VARIANTS}, got {variant!r}")
+        self.variant = variant
         self.model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if not random_backbone:
             state = torch.load(_vgg_weights_path(weights), map_location="cpu", weights_only=True)
@@ -111,6 +126,12 @@ class LPIPS:
                     raise KeyError(f"{key} missing from the VGG16 weights file")
                 mapped[name] = state[key]
             self.model.net.load_state_dict(mapped, strict=True)
+        if variant == "reference":
+            for sl in (self.model.net.slice1, self.model.net.slice2, self.model.net.slice3,
+                       self.model.net.slice4, self.model.net.slice5):
+                for name, layer in sl.named_children():
+                    if isinstance(layer, torch.nn.MaxPool2d):
+                        setattr(sl, name, torch.nn.AvgPool2d(kernel_size=2, stride=2))
         self.model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
@@ -120,10 +141,12 @@ class LPIPS:
         return self
 
     def __call__(self, a, b):
-        if a.shape[-1] < 256:
-            a = F.interpolate(a, size=224, mode="bilinear", align_corners=False)
-            b = F.interpolate(b, size=224, mode="bilinear", align_corners=False)
-        d = self.model((a + 1) / 2, (b + 1) / 2, normalize=True)
+        with torch.autocast(a.device.type, enabled=False):
+            a, b = a.float(), b.float()
+            if a.shape[-1] < 256:
+                a = F.interpolate(a, size=224, mode="bilinear", align_corners=False)
+                b = F.interpolate(b, size=224, mode="bilinear", align_corners=False)
+            d = self.model((a + 1) / 2, (b + 1) / 2, normalize=True)
         return d.reshape(d.shape[0])
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel backends: DDP (with fp16's GradScaler), or a DeepSpeed ZeRO engine.
+"""Data-parallel backends: DDP (with fp16's dynamic loss scale), or a DeepSpeed ZeRO engine.
 
 ``build_backend`` returns a ``DDPBackend`` or ``DeepSpeedBackend`` with one interface (see
 ``_Backend``): the micro-batch context (no_sync / accumulation boundary), backward, the
@@ -26,6 +26,7 @@ from .ema import frozen_copy, update_average
 
 __all__ = [
     "DDPBackend",
+    "LossScale",
     "DeepSpeedBackend",
     "DeepSpeedFiles",
     "ModuleWeights",
@@ -87,7 +88,8 @@ def deepspeed_config(cfg, micro: int, accum: int, world: int) -> dict:
             raise ValueError(f"train.initial_loss_scale={tc.initial_loss_scale}: DeepSpeed's "
                              f"dynamic loss scale starts at a power of two")
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": int(power),
-                      "hysteresis": 1, "loss_scale_window": 2000, "min_loss_scale": 1,
+                      # x2 after 1000 good steps: the reference's rate, in whole doublings
+                      "hysteresis": 1, "loss_scale_window": 1000, "min_loss_scale": 1,
                       "auto_cast": True}
     return ds
 
@@ -320,16 +322,45 @@ class _Backend:
         return {}
 
 
+class LossScale:
+    """fp16's dynamic loss scale, the reference's rule: ``scale = 2 ** log2_scale``, and
+    log2_scale grows by ``growth`` (1e-3: x2 per 1000 steps) after every applied step and
+    falls by 1 (the scale halves) when the gradients overflow, which skips the step.
+
+    torch's GradScaler instead doubles after 2000 overflow-free steps in a row. The state is
+    the float ``log2_scale`` itself, saved exactly, so a resumed run scales as the uninterrupted
+    one would."""
+
+    def __init__(self, initial_scale: float, growth: float = 1e-3):
+        self.log2_scale, self.growth = math.log2(initial_scale), growth
+
+    @property
+    def scale(self) -> float:
+        return 2.0**self.log2_scale
+
+    def update(self, applied: bool) -> None:
+        self.log2_scale += self.growth if applied else -1.0
+
+    def state(self) -> dict:
+        return {"log2_scale": torch.tensor(self.log2_scale, dtype=torch.float64)}
+
+    def load(self, state: dict) -> None:
+        if "log2_scale" in state:
+            self.log2_scale = float(state["log2_scale"])
+        else:  # a checkpoint from before (GradScaler): only its scale was saved
+            self.log2_scale = math.log2(float(state["scale"]))
+
+
 class DDPBackend(_Backend):
-    """DDP (the plain module in one process); with fp16 a ``GradScaler`` whose dynamic loss
-    scale is halved, and the step skipped, on non-finite gradients."""
+    """DDP (the plain module in one process); with fp16 a :class:`LossScale` that multiplies
+    the loss, divides the gradients back, and is halved, with the step skipped, on
+    non-finite gradients."""
 
     def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo):
         super().__init__(opt, cfg, info)
         self.net, self.grad_clip = net, cfg.optim.grad_clip
-        self.scaler = (torch.amp.GradScaler(info.device.type,
-                                            init_scale=cfg.train.initial_loss_scale)
-                       if cfg.train.precision == "fp16" else None)
+        self.loss_scale = (LossScale(cfg.train.initial_loss_scale)
+                           if cfg.train.precision == "fp16" else None)
         self.wrapped = wrap_ddp(net, info)
 
     def micro_batch(self, m: int, num: int):
@@ -340,12 +371,12 @@ class DDPBackend(_Backend):
 
     def backward(self, loss: torch.Tensor) -> None:
         loss = _poisoned(loss)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        (loss * self.loss_scale.scale if self.loss_scale is not None else loss).backward()
 
     def step(self) -> bool:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
         params = [p for p in self.net.parameters() if p.grad is not None]
+        if self.loss_scale is not None:
+            torch._foreach_mul_([p.grad for p in params], 1.0 / self.loss_scale.scale)
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
@@ -354,13 +385,9 @@ class DDPBackend(_Backend):
         # the same verdict without another collective.
         applied = bool(torch.isfinite(norm))
         if applied:
-            if self.scaler is not None:
-                self.scaler.step(self.opt)
-                self.scaler.update()
-            else:
-                self.opt.step()
-        elif self.scaler is not None:
-            self.scaler.update(self.scaler.get_scale() / 2)  # the reference halves and skips
+            self.opt.step()
+        if self.loss_scale is not None:
+            self.loss_scale.update(applied)
         self.opt.zero_grad(set_to_none=True)
         return applied
 
@@ -377,17 +404,16 @@ class DDPBackend(_Backend):
 
     def state(self, loading: bool = False) -> dict:
         s: dict[str, Any] = {"model": ModelOptimizer(self.net, self.opt)}
-        if self.scaler is not None:
-            s["scaler"] = {"scale": torch.tensor(float(self.scaler.get_scale()))}
+        if self.loss_scale is not None:
+            s["scaler"] = self.loss_scale.state()
         return s
 
+    def meta(self) -> dict:
+        return {"loss_scale": "log2"} if self.loss_scale is not None else {}
+
     def restore(self, state: dict, path) -> None:
-        if self.scaler is not None:
-            # Not scaler.update(scale): before its first scale() the GradScaler has no scale
-            # tensor to update. Only the scale is saved; the growth count starts again.
-            resumed = self.scaler.state_dict()
-            resumed["scale"] = float(state["scaler"]["scale"])
-            self.scaler.load_state_dict(resumed)
+        if self.loss_scale is not None:
+            self.loss_scale.load(state["scaler"])
 
 
 class DeepSpeedBackend(_Backend):

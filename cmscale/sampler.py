@@ -6,9 +6,12 @@ Syntax (``eval.samplers``, ``tools/fid_report.py --sampler``; ``str`` gives it b
 - ``ts=0,20,39/40``: the reference's multistep ``ts`` indices into a Karras grid of 40 points
   (NFE ``len(ts) - 1``, see :func:`cmscale.sampling.ts_to_sigmas`);
 - ``sigmas=80,0.8``: explicit noise levels (NFE ``len(sigmas)``);
-- ``edm`` / ``edm=18``: the EDM Heun sampler (NFE ``2 N - 1``), EDM denoisers only;
+- ``edm`` / ``edm=N``: the EDM Heun sampler with N steps (NFE ``2 N - 1``; ``edm`` is 40 steps,
+  NFE 79, the reference's teacher setting), EDM denoisers only;
 - ``euler=N``: Euler (DDIM) steps on a Karras grid of N + 1 levels whose last is 0 (NFE N),
   EDM denoisers only.
+
+Both EDM samplers clamp every denoised estimate to [-1, 1], as the reference's sampler does.
 
 Consistency models take the first three, EDM denoisers the last two (:meth:`Sampler.check`).
 """
@@ -21,7 +24,7 @@ import torch
 
 from . import schedules
 from .sampling import PerImageNoise, sample_sigmas, ts_to_sigmas
-from .solvers import edm_sample, euler_step
+from .solvers import EDM_STEPS, clamped, edm_sample, euler_step
 
 SYNTAX = "onestep, ts=I,J,.../STEPS, sigmas=A,B,..., edm[=N], euler=N"
 EDM_KINDS = ("edm", "euler")
@@ -76,7 +79,7 @@ class Sampler:
             if t.startswith("sigmas="):
                 return cls("sigmas", sigmas=tuple(parse_floats(t[7:])))
             if t == "edm" or t.startswith("edm="):
-                return cls("edm", steps=int(t[4:]) if "=" in t else 18)
+                return cls("edm", steps=int(t[4:]) if "=" in t else EDM_STEPS)
             if t.startswith("euler="):
                 return cls("euler", steps=int(t[6:]))
         except ValueError as e:
@@ -90,7 +93,7 @@ class Sampler:
         if mode == "edm":
             if ts or sigmas:
                 raise ValueError("an EDM denoiser is sampled with the Heun sampler: use --steps")
-            return cls("edm", steps=int(steps or 18))
+            return cls("edm", steps=int(steps or EDM_STEPS))
         if sigmas:
             if ts:
                 raise ValueError("give --ts/--steps or --sigmas, not both")
@@ -151,8 +154,9 @@ class Sampler:
             levels = schedules.karras_sigmas(self.steps + 1, sigma_min, sigma_max, rho)
             levels[-1] = 0.0
             x = noise.next() * float(levels[0])
+            den = clamped(net)
             for a, b in zip(levels[:-1], levels[1:]):
-                x = euler_step(net, x, float(a), float(b), labels)
+                x = euler_step(den, x, float(a), float(b), labels)
             return x.clamp(-1, 1)
         final = None
         if self.kind == "ts":

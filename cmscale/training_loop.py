@@ -251,7 +251,7 @@ class Trainer:
     # -- checkpoint state ------------------------------------------------------------------
     def state(self, loading: bool = False) -> dict:
         """The checkpoint entries (``loading``: those a resume reads back from DCP)."""
-        s = self.backend.state(loading)  # model (+ optimizer) and scaler, as it keeps them
+        s = self.backend.state(loading)  # model (+ optimizer) and loss scale, as it keeps them
         s.update({
             "ema": {name: checkpoint.FlatShard(e.local, e.numel) for name, e in self.emas.items()},
             "train": {"step": self.step, "nonfinite": self.nonfinite},
@@ -304,6 +304,9 @@ class Trainer:
                 and self.latest_meta.get("target_layout") != "flat"):
             # a checkpoint that holds the target as a whole module, not as flat shards
             state["target"] = old_target = self._blank_net()
+        if ("scaler" in state and self.latest_meta is not None
+                and "loss_scale" not in self.latest_meta):
+            state["scaler"] = {"scale": torch.tensor(0.0)}  # written with torch's GradScaler
         meta = checkpoint.load_latest(self.run_dir, state)
         if meta is None:
             return None

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import losses
 from ..config import Config
+from ..netfile import load_strict
 from ..networks import ConsistencyPrecond
 from ..sampler import Sampler
 
@@ -40,7 +41,10 @@ class Method:
 
     def prepare(self, net: nn.Module) -> None:
         """Set up with the freshly built student, before its target and EMAs copy it and
-        before the first loss (the trainer calls it once)."""
+        before the first loss (the trainer calls it once). By default: with
+        ``loss.init_from_teacher``, copy the weights of ``loss.teacher`` into the student (the
+        reference's ``cm_train.py`` does so whenever a teacher is given, for CT too)."""
+        init_from_teacher(self.cfg, net)
 
     def target_horizon_warning(self) -> str | None:
         """A warning when the target still averages over a large part of the run at its end
@@ -73,10 +77,19 @@ def build_metric(cfg: Config, device):
     """The distance ``loss.metric`` (pseudo-Huber with ``loss.huber_c`` when it is >= 0)."""
     lc = cfg.loss
     if lc.metric == "lpips":
-        return losses.LPIPS(weights=lc.lpips_weights or None, device=device)
+        return losses.LPIPS(weights=lc.lpips_weights or None, device=device,
+                            variant=lc.lpips_variant)
     if lc.metric == "pseudo_huber" and lc.huber_c >= 0:
         return losses.make_metric(lc.metric, c=lc.huber_c)
     return losses.make_metric(lc.metric)
+
+
+def init_from_teacher(cfg: Config, net: nn.Module) -> None:
+    """With ``loss.init_from_teacher``: the student's UNet gets ``loss.teacher``'s weights (a
+    resume then loads its checkpoint over them)."""
+    if cfg.loss.init_from_teacher:
+        load_strict(net.model, cfg.loss.teacher, cfg.net.preset,
+                    what="loss.init_from_teacher: loss.teacher")
 
 
 def consistency_kwargs(cfg: Config, device) -> dict:

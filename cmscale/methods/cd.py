@@ -14,7 +14,7 @@ from .. import losses, schedules
 from ..config import Config
 from ..netfile import load_strict
 from ..networks import EDMPrecond, create_unet
-from .base import Method, consistency_kwargs
+from .base import Method, consistency_kwargs, init_from_teacher
 
 
 def build_teacher(cfg: Config, device) -> torch.nn.Module:
@@ -41,8 +41,6 @@ class CD(Method):
         """Load the teacher; with ``loss.init_from_teacher`` first copy its weights into the
         student, as the reference's CD does (a resume then loads its checkpoint over them)."""
         cfg = self.cfg
-        if cfg.loss.init_from_teacher:
-            load_strict(net.model, cfg.loss.teacher, cfg.net.preset,
-                        what="loss.init_from_teacher: loss.teacher")
+        init_from_teacher(cfg, net)
         self.loss_fn = losses.CDLoss(build_teacher(cfg, self.device), solver=cfg.loss.solver,
                                      **consistency_kwargs(cfg, self.device))

@@ -2,7 +2,7 @@
 
 ``lambda(sigma) ||D(x + sigma z; sigma) - x||^2`` with ln(sigma) ~ N(P_mean, P_std^2)
 (:class:`cmscale.losses.EDMLoss`); no grid, no target network. The preview grid samples with
-the EDM Heun sampler at 1 and 18 steps.
+the EDM Heun sampler at 1 and 40 steps (NFE 79, the reference's teacher setting).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from .. import losses
 from ..config import Config
 from ..networks import EDMPrecond
 from ..sampler import Sampler
+from ..solvers import EDM_STEPS
 from .base import Method
 
 
@@ -24,8 +25,8 @@ class EDM(Method):
         return {}
 
     def preview(self) -> list[Sampler]:
-        return [Sampler("edm", steps=1), Sampler("edm", steps=18)]
+        return [Sampler("edm", steps=1), Sampler("edm", steps=EDM_STEPS)]
 
     @classmethod
     def default_samplers(cls, cfg: Config) -> list[Sampler]:
-        return [Sampler("edm", steps=18)]
+        return [Sampler("edm", steps=EDM_STEPS)]

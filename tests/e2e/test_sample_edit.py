@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cmscale import editing, runs, sample
+from cmscale import editing, imageio, runs, sample, schedules
 from cmscale.networks import create_unet
 from cmscale.sampling import PerImageNoise
 from tests import support
@@ -278,13 +278,30 @@ def test_superres_keeps_patch_means_from_low_or_full_resolution(rand_pt, images,
             assert o.reshape(4, 4, 4, 4, 3).std((1, 3)).mean() > 5  # texture inside patches
 
 
-def test_stroke_and_denoise_run_and_stay_in_range(rand_pt, images, tmp_path):
+def test_stroke_and_denoise_outputs_are_the_algorithm_run_in_process(rand_pt, images, tmp_path):
+    """The CLI's stroke and denoise outputs are the multistep loop written here from the
+    module docstring: stroke from sketch + sigma z at --sigma, denoise from the noisy input with
+    no noise added, then the default levels below sigma; written to uint8 as `sample` does."""
     s = run_edit("stroke", tmp_path / "s", rand_pt, "--image", images["digit"], "--sigma", 20)
     d = run_edit("denoise", tmp_path / "d", rand_pt, "--image", images["digit"], "--sigma", 0.5,
                  "--add-noise")
-    assert len(s) == len(d) == 1 and s[0].shape == d[0].shape == (16, 16, 3)
     noisy = png(tmp_path / "d" / "input.png")
     assert np.abs(noisy - png(images["digit"])).mean() > 20  # the input really was noised
+    net, _ = runs.load_network(str(rand_pt), "", "tiny16")
+    y = editing.load_image(images["digit"], 16)
+    grid = schedules.karras_sigmas(40).tolist()
+    for got, sigma, start, first_noise in (
+            (s[0], 20.0, y, True),
+            (d[0], 0.5, y + 0.5 * editing.corruption_noise(0, y.shape), False)):
+        noise = PerImageNoise(0, range(1), (3, 16, 16))
+        levels = [sigma] + [grid[t] for t in editing.EDIT_TS if grid[t] < sigma]
+        x = start + sigma * noise.next() if first_noise else start
+        for n, t in enumerate(levels):
+            x0 = net(x, torch.full((1,), t), None).clamp(-1, 1)
+            if n + 1 < len(levels):
+                x = x0 + (levels[n + 1] ** 2 - 0.002**2) ** 0.5 * noise.next()
+        want = imageio.to_uint8(x0).permute(0, 2, 3, 1).numpy()[0]
+        assert np.array_equal(got, want.astype(np.float64)), sigma
 
 
 def test_interpolation_ends_are_the_one_step_samples_of_both_seeds(rand_pt, tmp_path):

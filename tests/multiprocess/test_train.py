@@ -232,8 +232,30 @@ def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
     r = train(cd_run, cache, "loss.mode=cd", f"loss.teacher={out}", "train.total_steps=2",
               "checkpoint.every_images=0")
     assert r.returncode == 0, r.stdout
-    losses = losses_of(cd_run)
-    assert all(v == v and v > 0 for v in losses.values())  # finite, positive
+    # step 1's logged loss is the CD loss written out from Algorithm 2 (Heun step of the
+    # exported teacher, l2, uniform n) on the first batch with the step's seed
+    from cmscale import dist
+    from cmscale.methods import build_net
+    from cmscale.methods.cd import build_teacher
+    from cmscale.training_loop import build_data, step_seed
+    from tests.support import reference
+
+    cfg = load_config(None, TINY + ["loss.mode=cd", f"loss.teacher={out}",
+                                    "train.total_steps=2"])
+    torch.manual_seed(cfg.train.seed)
+    student = build_net(cfg).train()
+    os.environ["CMSCALE_CACHE"] = str(cache)
+    try:
+        loader = build_data(cfg, dist.info(), 1, 0, torch.device("cpu"))[0]
+        images, _ = next(iter(loader))
+    finally:
+        del os.environ["CMSCALE_CACHE"]
+    teacher = build_teacher(cfg, torch.device("cpu"))  # (building it draws random numbers)
+    torch.manual_seed(step_seed(cfg.train.seed, 0, 0))
+    with torch.no_grad():
+        want = reference.pair_loss(student, student, images, cfg.loss.num_scales,
+                                   teacher=teacher).mean()
+    assert losses_of(cd_run)[1] == pytest.approx(want.item(), rel=1e-5)
     # ECT tunes the same export into a consistency model (stages 1 and 2 in 3 steps)
     ect_run = tmp_path / "ect"
     r = train(ect_run, cache, *ect_overrides(str(out)), "train.total_steps=3",
@@ -255,10 +277,16 @@ def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
     r = train(tmp_path / "bad", cache, "loss.mode=cd", f"loss.teacher={out}",
               "loss.teacher_preset=tiny32")
     assert r.returncode == 2 and "does not fit UNet preset" in r.stdout
-    # fp16 with dynamic loss scaling runs on the DDP path
+    # fp16 with the reference's dynamic loss scale on the DDP path: log2(scale) starts at 20,
+    # +1e-3 per applied step, -1 per skipped one; the checkpoint holds it exactly
     r = train(tmp_path / "fp16", cache, "train.precision=fp16", "train.total_steps=2",
               "checkpoint.every_images=0")
     assert r.returncode == 0, r.stdout
+    skipped = r.stdout.count("step skipped")
+    state = {"scaler": {"log2_scale": torch.tensor(0.0, dtype=torch.float64)}}
+    checkpoint.load(checkpoint.checkpoint_path(tmp_path / "fp16", 16), state)
+    assert float(state["scaler"]["log2_scale"]) == pytest.approx(
+        20.0 + (2 - skipped) * 1e-3 - skipped, abs=1e-12)
 
 
 def test_fp16_resume_is_bit_identical(tmp_path, cache):
@@ -304,8 +332,10 @@ def test_resume_from_a_checkpoint_with_a_whole_target(tmp_path, cache, monkeypat
         assert torch.equal(a, b)
 
 
-def test_cd_student_starts_from_the_teacher(tmp_path, cache, monkeypatch):
-    """loss.init_from_teacher: the student, its target and its EMAs start as the teacher."""
+@pytest.mark.parametrize("mode", ["cd", "ct", "ict"])
+def test_student_starts_from_the_teacher(tmp_path, cache, monkeypatch, mode):
+    """loss.init_from_teacher: the student, its target and its EMAs start as the teacher (CT
+    and iCT too: the reference's cm_train.py copies the teacher whenever it is given one)."""
     from cmscale.ema import frozen_copy
     from cmscale.networks import create_unet
     from cmscale.training_loop import Trainer
@@ -316,10 +346,11 @@ def test_cd_student_starts_from_the_teacher(tmp_path, cache, monkeypatch):
     teacher = create_unet("tiny16")
     path = str(tmp_path / "teacher.safetensors")
     save_state_dict(teacher.state_dict(), path)
-    base = TINY + ["data.num_workers=0", "loss.mode=cd", f"loss.teacher={path}"]
+    base = TINY + ["data.num_workers=0", f"loss.mode={mode}", f"loss.teacher={path}"]
     t = Trainer(load_config(None, base + ["loss.init_from_teacher=true"]), str(tmp_path / "a"))
-    nets = {"online": t.net, "target": t.target.gather(frozen_copy(t.net)),
-            "ema": t.emas["ema_0_9"].gather(frozen_copy(t.net))}
+    nets = {"online": t.net, "ema": t.emas["ema_0_9"].gather(frozen_copy(t.net))}
+    if t.target is not None:
+        nets["target"] = t.target.gather(frozen_copy(t.net))
     for which, net in nets.items():
         for (k, a), b in zip(net.model.state_dict().items(), teacher.state_dict().values()):
             assert torch.equal(a, b), (which, k)
@@ -328,6 +359,8 @@ def test_cd_student_starts_from_the_teacher(tmp_path, cache, monkeypatch):
     with pytest.raises(ValueError, match="init_from_teacher"):
         Trainer(load_config(None, base + ["loss.init_from_teacher=true",
                                           "net.overrides.model_channels=64"]), str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="loss.teacher"):  # nothing to start from
+        load_config(None, TINY + [f"loss.mode={mode}", "loss.init_from_teacher=true"])
 
 
 def test_ect_student_starts_as_the_teacher(tmp_path, cache, teacher, monkeypatch):
@@ -388,3 +421,90 @@ def test_stop_request_on_the_last_step_finishes_the_run(tmp_path, cache, monkeyp
             sig.signal(s, h)
     done = checkpoint.latest_checkpoint(tmp_path / "run", warn=False)
     assert done is not None and done.meta["reason"] == "final" and done.nimg == 8
+
+
+def _flat(net):
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def test_trainer_target_is_the_ema_of_the_updated_online_net_with_the_same_k(
+        tmp_path, cache, monkeypatch):
+    """Inside the real Trainer: after the optimizer step of step k, target <- mu(k) target +
+    (1 - mu(k)) online (the updated weights), and the loss of step k used N(k)."""
+    from cmscale import schedules
+    from cmscale.training_loop import Trainer
+
+    monkeypatch.setenv("CMSCALE_CACHE", str(cache))
+    cfg = load_config(None, TINY + ["data.num_workers=0", "optim.name=adam", "optim.lr=0.01"])
+    t = Trainer(cfg, str(tmp_path / "run"))
+    used = []
+    loss = t.method.loss
+    monkeypatch.setattr(t.method, "loss", lambda net, target, images, labels, N:
+                        used.append(N) or loss(net, target, images, labels, N))
+    torch.manual_seed(0)
+    for k in range(3):
+        N, mu = schedules.ct_schedule(k, cfg.train.total_steps, cfg.loss.start_scales,
+                                      cfg.loss.end_scales, cfg.loss.start_ema)
+        assert (N, mu) != schedules.ct_schedule(k + 1, cfg.train.total_steps, 2, 150, 0.95)
+        target, online = t.target.local.clone(), _flat(t.net)
+        _, applied = t.train_step([(torch.rand(8, 3, 16, 16) * 2 - 1, None)])
+        assert applied and used[-1] == N
+        updated = _flat(t.net)
+        assert not torch.allclose(updated, online, atol=1e-6)  # the step moved the weights
+        err = (t.target.local - (mu * target + (1 - mu) * updated)).abs().max()
+        assert err < 1e-7, (k, err)
+        # the weights from before the step would give another target
+        stale = (t.target.local - (mu * target + (1 - mu) * online)).abs().max()
+        assert stale > 100 * err, (k, stale)
+        t.step += 1
+
+
+def test_ict_trainer_target_is_the_stop_gradient_online_net_with_shared_dropout(
+        tmp_path, cache, monkeypatch):
+    """iCT inside the real Trainer: no target network; the loss value and the gradient are
+    those of the online net against itself under no_grad, with the online pass's dropout
+    masks (written out in tests/support/reference.py)."""
+    import copy
+
+    from cmscale import schedules
+    from cmscale.training_loop import Trainer, step_seed
+    from tests.support import reference
+
+    monkeypatch.setenv("CMSCALE_CACHE", str(cache))
+    cfg = load_config(None, TINY + ["data.num_workers=0", "loss.mode=ict",
+                                    "loss.metric=pseudo_huber", "net.overrides.dropout=0.3"])
+    t = Trainer(cfg, str(tmp_path / "run"))
+    assert t.target is None and t.loss_target is t.net
+    grads = {}
+    step = t.backend.step
+
+    def capture():
+        grads.update({k: p.grad.clone() for k, p in t.net.named_parameters()
+                      if p.grad is not None})
+        return step()
+
+    monkeypatch.setattr(t.backend, "step", capture)
+    torch.manual_seed(1)
+    with torch.no_grad():  # the UNet zero-initialises the layers after its dropouts: wake them
+        for p in t.net.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    before = copy.deepcopy(t.net)
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    loss, applied = t.train_step([(images, None)])
+    assert applied
+    N, _ = t.method.schedule(0)
+    probs = schedules.lognormal_index_probs(schedules.karras_sigmas(N), cfg.loss.p_mean,
+                                            cfg.loss.p_std).float()
+    torch.manual_seed(step_seed(cfg.train.seed, 0, 0))
+    want = reference.pair_loss(
+        before, before, images, N, metric=reference.pseudo_huber,
+        index=lambda B: torch.multinomial(probs, B, replacement=True),
+        weight=lambda s, n: (1 / (s[:-1].double() - s[1:].double())).float()[n]).mean()
+    want.backward()
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+    assert grads.keys() == {k for k, p in before.named_parameters() if p.grad is not None}
+    for k, p in before.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k

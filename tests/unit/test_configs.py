@@ -32,6 +32,12 @@ def test_reference_hyperparameters():
     c = cfg("lsun_cat_ct")
     assert (c.loss.mode, c.loss.metric, c.loss.start_scales, c.loss.end_scales,
             c.loss.start_ema) == ("ct", "lpips", 2, 150, 0.95)
+    for name in ("lsun_cat_ct", "lsun_bedroom_cd", "imagenet64_cd", "imagenet64_ct"):
+        assert cfg(name).loss.lpips_variant == "reference", name  # piq's average pooling
+    for name in ("lsun_cat_ct", "imagenet64_ct", "cifar10_ict"):  # CT as the papers: from scratch
+        assert cfg(name).loss.init_from_teacher is False, name
+    for name in ("lsun_bedroom_cd", "imagenet64_cd"):
+        assert cfg(name).loss.init_from_teacher is True, name
     assert (c.optim.name, c.optim.lr, c.optim.weight_decay) == ("radam", 5e-5, 0.0)
     assert (c.train.global_batch, c.train.total_steps, c.train.precision) == (256, 1_000_000, "fp16")
     assert c.ema.rates == [0.9999, 0.99994, 0.9999432189950708]

@@ -73,9 +73,13 @@ def test_lognormal_index_probs_match_lognormal_mass():
 
 
 def test_ict_weights():
-    s = schedules.karras_sigmas(5)
-    w = schedules.ict_weights(s)
-    assert torch.allclose(w, 1 / (s[:-1] - s[1:]))
+    # the 5-point Karras grid (rho 7) is 80, 17.527832, 2.5152190, 0.16975276, 0.002: the
+    # weights are one over its gaps, one per pair index n = 0..3
+    w = schedules.ict_weights(schedules.karras_sigmas(5))
+    want = [1 / (80 - 17.527832), 1 / (17.527832 - 2.5152190), 1 / (2.5152190 - 0.16975276),
+            1 / (0.16975276 - 0.002)]
+    assert w.shape == (4,)
+    assert torch.allclose(w, torch.tensor(want, dtype=w.dtype), rtol=1e-6)
     assert torch.all(w[1:] > w[:-1])  # smaller gaps at low noise weigh more
 
 
