@@ -56,6 +56,7 @@ __all__ = [
     "LaunchEnv",
     "all_gather",
     "all_gather_flat",
+    "all_gather_object",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
@@ -532,6 +533,15 @@ def broadcast_object(obj: Any = None, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src, device=_comm_device())
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order (pickled: small objects only)."""
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def print0(*args, **kwargs) -> None:

@@ -209,6 +209,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         self.info = dist.init()
         self.device = self.info.device
+        checkpoint.check_run_dir(run_dir)  # read-only, uncreatable or node-local: fail now
         tc = cfg.train
         self.streams, self.per_rank, self.micro, self.accum = batch_split(cfg,
                                                                            self.info.world_size)
