@@ -13,6 +13,7 @@ runs. Design notes: ``docs/data-flow.md``, ``docs/determinism.md``, ``docs/check
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -207,7 +208,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
-        self.info = dist.init()
+        self.info = dist.init(timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))
         self.device = self.info.device
         checkpoint.check_run_dir(run_dir)  # read-only, uncreatable or node-local: fail now
         tc = cfg.train
