@@ -33,6 +33,7 @@ class DataConfig:
     num_workers: int = 1                     # DataLoader workers per rank
     random_flip: bool = True                 # horizontal flips (seeded per sample)
     bad_input: str = "skip"                  # convert | skip | raise (corrupt/odd images)
+    allow_shard_change: bool = False         # resume although the shard list differs from the checkpoint's
     # Data streams the global batch is split into (0 = one per rank). Fix it (e.g. 8) and the
     # data order, noise and so the run are independent of the number of ranks dividing it.
     streams: int = 0

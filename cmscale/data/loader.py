@@ -226,6 +226,10 @@ class _SlotDataset(IterableDataset):
         jpeg_decoder = fast_jpeg_decoder()  # probed by the consumer already: forked workers inherit it
         ref, images, labels, flips = next(buffers)
         arrays, flip_bits, n = images.numpy(), flips.numpy(), 0
+        # Skipped planned samples in a row: a whole pass over the slot without one usable
+        # sample (every shard it reads gone or unreadable) would otherwise loop for ever, and
+        # the other ranks would wait for this one in their next collective.
+        n_q, skipped_in_a_row = self.layout.slot_len(q), 0
         for item in items:
             try:
                 arr, label = self._decode(item, counter, jpeg_decoder)
@@ -233,7 +237,14 @@ class _SlotDataset(IterableDataset):
                 if self.policy == "raise":
                     raise BadInputError(f"{e.kind} in shard {item.url} key {item.key}: {e.detail}") from None
                 counter.add("skipped", e.kind, f"{item.url} key {item.key}" if item.key else item.url, e.detail)
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= max(1, n_q):
+                    raise BadInputError(
+                        f"rank {self.rank} worker {worker}: none of the {n_q} samples it plans to "
+                        f"read in an epoch is usable ({e.kind}, last in shard {item.url}): its "
+                        f"shards are missing, unreadable or corrupt; counts: {dict(counter.counts)}")
                 continue
+            skipped_in_a_row = 0
             arrays[n] = arr
             flip_bits[n] = flipped = self.random_flip and flip_bit(seed, item.epoch, item.index)
             if flipped and flip_here:

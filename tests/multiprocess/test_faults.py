@@ -3,6 +3,7 @@ lost (killed or frozen) while the other is inside a collective, and a run direct
 be used. Storage faults in one process: tests/unit/test_storage_faults.py."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from cmscale import checkpoint
 from tests.support import REPO
 from tests.support import launch as _launch
+from tests.support.data import write_index_shards
 from tests.support.training import TINY, final_state, losses_of
 
 TIMEOUT_S = 15  # train.dist_timeout_s of these runs
@@ -156,3 +158,58 @@ def test_a_lost_node_ends_the_job_and_a_rerun_resumes(tmp_path, cache, how):
     assert f"resumed from {last.nimg} images" in r.stdout
     final = json.loads((checkpoint.latest_checkpoint(run).path / "commit.json").read_text())
     assert final["step"] == last.meta["step"] + 1
+
+
+# ----------------------------------------------------------------------------
+# Data faults with the real trainer
+
+
+@pytest.mark.slow
+def test_a_shard_list_changed_since_the_save_is_refused_unless_allowed(tmp_path, cache):
+    data = write_index_shards(tmp_path / "data", [40, 40], size=16)
+    run = tmp_path / "run"
+
+    def train(*extra):
+        return subprocess.run([sys.executable, *_train_args(run, f"data.shards={data}",
+                                                            "checkpoint.every_images=0", *extra)],
+                              env=_env(cache), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=600)
+
+    r = train("train.total_steps=2")
+    assert r.returncode == 0, r.stdout
+    write_index_shards(tmp_path / "data", [40, 40, 40], size=16)  # a shard added to the set
+    r = train("train.total_steps=4")
+    assert r.returncode == 2, r.stdout
+    assert "changed since the checkpoint was written: it had 2 shards, 80 samples" in r.stdout
+    assert "step=3" not in r.stdout
+    r = train("train.total_steps=4", "data.allow_shard_change=true")
+    assert r.returncode == 0, r.stdout
+    assert "continuing with the new list" in r.stdout and "resumed from 16 images" in r.stdout
+    meta = checkpoint.latest_checkpoint(run).meta
+    assert meta["step"] == 4 and meta["data_shards"]["shards"] == 3
+
+
+@pytest.mark.slow
+def test_unreadable_shards_on_one_rank_end_the_job(tmp_path, cache):
+    # Rank 1 reads a broken copy of the data (same names and manifest, garbage content), as a
+    # node with a bad local copy or mount would: its loader fails, and rank 0, waiting in a
+    # collective, ends too instead of hanging.
+    good = write_index_shards(tmp_path / "good", [40, 40], size=16)
+    bad = shutil.copytree(good, tmp_path / "bad")
+    for name in ("data-000000.tar", "data-000001.tar"):
+        (bad / name).write_bytes(b"\xff" * (bad / name).stat().st_size)
+    port = _launch.free_port()
+    procs = []
+    for rank, data in enumerate((good, bad)):
+        env = dict(_env(cache), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(
+            [sys.executable, *_train_args(tmp_path / "run", f"data.shards={data}",
+                                          f"train.dist_timeout_s={TIMEOUT_S}")],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    t0 = time.monotonic()
+    outs = _finish(procs, timeout=TIMEOUT_S + 200)
+    assert time.monotonic() - t0 < TIMEOUT_S + 200
+    assert procs[0].returncode != 0 and procs[1].returncode != 0, outs
+    assert "rank 1 worker 0: none of the" in outs[1], outs[1]
+    assert checkpoint.latest_checkpoint(tmp_path / "run", warn=False) is None
