@@ -370,6 +370,9 @@ def latest_checkpoint(run_dir: str | os.PathLike, *, warn: bool = True) -> Check
     if warn:
         for c in ckpts:
             if not c.complete and (latest is None or c.nimg > latest.nimg):
+                if (c.path / DAMAGED).exists():
+                    warnings.warn(f"skipping damaged checkpoint {c.path} (set aside: {DAMAGED})")
+                    continue
                 warnings.warn(
                     f"skipping incomplete checkpoint {c.path} (no {MARKER}: the job "
                     f"writing it was stopped, or it is still being written)"

@@ -38,7 +38,10 @@ Bad input (`bad_input` = "convert" | "skip" | "raise"): see the table in `cmscal
 and `cmscale.data.reader`. Skips and conversions are counted per kind in `bad_input_counts`
 (this rank; keys "skipped.<kind>" / "converted.<kind>"), and warned about once per kind by the
 consuming process (BadInputWarning, with one example). A missing shard or a pattern matching
-nothing raises FileNotFoundError naming it, whatever the policy.
+nothing raises FileNotFoundError naming it, whatever the policy; so does a shard that vanishes
+mid-run, when it is opened (ShardOpenError). A worker that skips a whole pass over its slot
+without one usable sample (all its shards unreadable) raises BadInputError rather than
+looping for ever while the other ranks wait for it.
 """
 from __future__ import annotations
 

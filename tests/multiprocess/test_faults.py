@@ -70,6 +70,25 @@ def test_unusable_run_dir_is_an_error_before_training(tmp_path, cache):
     assert "step=" not in r.stdout and "Traceback" not in r.stdout
 
 
+@pytest.mark.slow
+def test_a_run_directory_not_shared_by_the_nodes_is_an_error_before_training(tmp_path, cache):
+    # Each rank given a directory of its own, as node-local disks would: rank 1 does not see
+    # what rank 0 writes, and both stop before training (a resume would be impossible).
+    port = _launch.free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(_env(cache), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0",
+                   LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, *_train_args(tmp_path / f"node{rank}")],
+                                      env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = _finish(procs)
+    assert [p.returncode for p in procs] == [2, 2], outs
+    for out in outs:
+        assert "ranks ['1 (" in out and "shared by all nodes" in out, out
+        assert "step=" not in out
+
+
 def test_two_nodes_on_one_machine_get_node_local_ranks(tmp_path):
     # Two torchrun agents with one process each, rendezvous over c10d: global ranks 0 and 1,
     # and each "node" sees local rank 0 (its first GPU on a real cluster).
