@@ -89,6 +89,7 @@ def test_a_run_directory_not_shared_by_the_nodes_is_an_error_before_training(tmp
         assert "step=" not in out
 
 
+@pytest.mark.slow  # ~25-35 s (four interpreters, a c10d rendezvous) on 2 shared cores
 def test_two_nodes_on_one_machine_get_node_local_ranks(tmp_path):
     # Two torchrun agents with one process each, rendezvous over c10d: global ranks 0 and 1,
     # and each "node" sees local rank 0 (its first GPU on a real cluster).
