@@ -5,13 +5,17 @@ torch.distributed.checkpoint (one ``.distcp`` file per rank, ``.metadata``) and 
 marker ``commit.json``; a checkpoint counts only once the marker exists. ``load_latest``
 restores the newest complete one in place (tensors, ``Stateful`` objects, ``ModelOptimizer``,
 Python values, and ``FlatShard`` slices, resharded at another world size); ``keep_last`` prunes.
-Nothing is unpickled as code. Layout, commit protocol and resharding: docs/checkpoints.md.
+The marker records the size and CRC-32 of every file; a load verifies them, and ``load_latest``
+sets a damaged checkpoint aside and falls back to the previous one. ``check_run_dir`` tells
+before any training whether the run directory can hold checkpoints. Nothing is unpickled as
+code. Layout, commit protocol, checksums and resharding: docs/checkpoints.md.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime
+import errno
 import io
 import json
 import os
@@ -19,8 +23,11 @@ import pathlib
 import pickle
 import re
 import shutil
+import socket
 import time
+import uuid
 import warnings
+import zlib
 from typing import Any
 
 import torch
@@ -40,13 +47,17 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from cmscale import dist
-from cmscale.atomic import atomic_path
+from cmscale.atomic import atomic_path, write_json
 
 __all__ = [
+    "DAMAGED",
     "MARKER",
     "CheckpointInfo",
+    "DamagedCheckpoint",
+    "RunDirError",
     "FlatShard",
     "ModelOptimizer",
+    "check_run_dir",
     "checkpoint_path",
     "keep_last",
     "latest_checkpoint",
@@ -55,10 +66,21 @@ __all__ = [
     "load_latest",
     "save",
     "shard_range",
+    "verify",
 ]
 
 MARKER = "commit.json"
-FORMAT = 1
+DAMAGED = "commit.damaged.json"  # the marker of a checkpoint found damaged, set aside
+FORMAT = 2  # 2: the marker lists every file with its size and CRC-32 ("files")
+_CHUNK = 1 << 22  # bytes read at a time for checksums
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A complete checkpoint whose files differ from what its marker recorded."""
+
+
+class RunDirError(ValueError):
+    """The run directory cannot hold checkpoints (not creatable, read-only, not shared)."""
 _SUBDIR = "checkpoints"
 _NAME = re.compile(r"nimg-(\d+)")
 
@@ -348,11 +370,146 @@ def latest_checkpoint(run_dir: str | os.PathLike, *, warn: bool = True) -> Check
     if warn:
         for c in ckpts:
             if not c.complete and (latest is None or c.nimg > latest.nimg):
+                if (c.path / DAMAGED).exists():
+                    warnings.warn(f"skipping damaged checkpoint {c.path} (set aside: {DAMAGED})")
+                    continue
                 warnings.warn(
                     f"skipping incomplete checkpoint {c.path} (no {MARKER}: the job "
                     f"writing it was stopped, or it is still being written)"
                 )
     return latest
+
+
+# ----------------------------------------------------------------------------
+# Checksums
+
+
+def _data_files(path: pathlib.Path) -> list[str]:
+    """The checkpoint's files (relative, sorted), except the marker and its temporaries."""
+    names = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.startswith(("commit", ".commit")):
+                continue
+            names.append(os.path.relpath(os.path.join(root, name), path))
+    return sorted(names)
+
+
+def _crc32(file: pathlib.Path) -> int:
+    crc = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _share(names: list[str]) -> list[str]:
+    # Every rank reads a part of the files: the checkpoint is read once, by all ranks together.
+    return names[dist.get_rank()::dist.get_world_size()]
+
+
+def _checksums(path: pathlib.Path) -> dict[str, dict[str, int]]:
+    """{name: {"size", "crc32"}} of every file of ``path`` (collective; rank 0 lists)."""
+    names = dist.broadcast_object(_data_files(path) if dist.is_main() else None)
+    mine: dict[str, Any] = {}
+    try:
+        for name in _share(names):
+            mine[name] = {"size": (path / name).stat().st_size, "crc32": _crc32(path / name)}
+    except OSError as e:  # every rank must reach the gather, or the others wait
+        mine = {"error": f"rank {dist.get_rank()}: {e}"}
+    files: dict[str, dict[str, int]] = {}
+    for part in dist.all_gather_object(mine):
+        if "error" in part:
+            raise OSError(f"cannot read back checkpoint {path}: {part['error']}")
+        files.update(part)
+    return dict(sorted(files.items()))
+
+
+def verify(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[str]:
+    """What is wrong with the files of the complete checkpoint ``path``: [] when nothing.
+
+    Collective. Compares each file's size and CRC-32 with the marker's ``files`` (a file
+    missing, truncated, or with a flipped bit). A checkpoint written before checksums were
+    recorded (format 1) has nothing to compare and passes.
+    """
+    path = pathlib.Path(path)
+    if meta is None:
+        meta = _read_marker(path)
+    recorded = (meta or {}).get("files")
+    if not isinstance(recorded, dict):
+        return []
+    problems = []
+    for name in _share(sorted(recorded)):
+        want, file = recorded[name], path / name
+        try:
+            size = file.stat().st_size
+            if size != want["size"]:
+                problems.append(f"{name}: {size} bytes, {want['size']} when written")
+            elif _crc32(file) != want["crc32"]:
+                problems.append(f"{name}: CRC-32 differs from the one recorded when written")
+        except OSError as e:
+            problems.append(f"{name}: {e.strerror or e}")
+    return sorted(p for part in dist.all_gather_object(problems) for p in part)
+
+
+def _set_aside(path: pathlib.Path, meta: dict[str, Any], problems: list[str]) -> None:
+    """Rank 0: make a damaged checkpoint incomplete, keeping its marker as DAMAGED.
+
+    It is then what a killed write leaves: ignored by loads, replaced by a save of the same
+    nimg, deleted by keep_last once a newer checkpoint is complete."""
+    write_json(path / DAMAGED, {**meta, "damage": problems})
+    (path / MARKER).unlink()
+    _fsync_dir(path)
+
+
+# ----------------------------------------------------------------------------
+# The run directory
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> None:
+    """Raise RunDirError unless every rank can use ``run_dir`` for checkpoints (collective).
+
+    Rank 0 creates it (with its parents) and writes, fsyncs and reads back a probe file;
+    then every rank checks that it sees that probe, i.e. that the directory is on a file
+    system all nodes share. Meant to run before any training, so that a read-only mount, a
+    path that cannot be created, or a node-local directory is an error at once rather than
+    when the first checkpoint is due.
+    """
+    run_dir = pathlib.Path(run_dir)
+    probe = run_dir / f".probe-{uuid.uuid4().hex}"
+    token = None
+    if dist.is_main():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            token = f"error: the run directory {run_dir} cannot be created: {e}"
+        else:
+            try:
+                with open(probe, "w") as f:
+                    f.write(probe.name)
+                    f.flush()
+                    os.fsync(f.fileno())
+                token = probe.name
+            except OSError as e:
+                token = f"error: the run directory {run_dir} is not writable: {e}"
+                with contextlib.suppress(OSError):
+                    probe.unlink()
+    token = dist.broadcast_object(token)
+    if token.startswith("error: "):
+        raise RunDirError(token[len("error: "):])
+    try:
+        seen = (run_dir / token).read_text() == token
+    except OSError:
+        seen = False
+    missing = [f"{r} ({host})" for r, host in enumerate(dist.all_gather_object(
+        None if seen else socket.gethostname())) if host is not None]
+    if dist.is_main():
+        with contextlib.suppress(OSError):
+            (run_dir / token).unlink()
+    if missing:
+        raise RunDirError(
+            f"ranks {missing} do not see the files rank 0 writes in the run directory "
+            f"{run_dir}: it must be on a file system shared by all nodes")
 
 
 # ----------------------------------------------------------------------------
@@ -440,37 +597,89 @@ def save(run_dir: str | os.PathLike, state: dict[str, Any], meta: dict[str, Any]
     if decision != "write":
         raise RuntimeError(decision)
 
-    with _calling_dcp("save", path):
-        dcp.save(
-            _to_dcp(state),
-            storage_writer=FileSystemWriter(path, sync_files=True),
-            no_dist=not dist.is_initialized(),
-        )
-    dist.barrier()  # every rank's shard is on disk before the marker says so
+    try:
+        with _calling_dcp("save", path):
+            dcp.save(
+                _to_dcp(state),
+                storage_writer=FileSystemWriter(path, sync_files=True),
+                no_dist=not dist.is_initialized(),
+            )
+        # Every rank's shard is on disk before the marker says so (DCP's save ends with a
+        # collective), and the checksums are of what is on disk, read back.
+        record["files"] = _checksums(path)
+    except (RuntimeError, OSError) as e:  # raised on every rank alike
+        raise _save_failed(run_dir, path, e) from e
+    error = None
     if dist.is_main():
-        _write_marker(path, record)
+        try:
+            _write_marker(path, record)
+        except OSError as e:
+            error = e
     # Nobody returns before the marker exists: a rank that exits (EXIT_REQUEUE) makes
-    # torchrun/srun kill the others, and rank 0 must not be killed mid-marker.
-    dist.barrier()
+    # torchrun/srun kill the others, and rank 0 must not be killed mid-marker. The
+    # broadcast is also how a failed marker reaches the other ranks.
+    error = dist.broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise _save_failed(run_dir, path, OSError(error))
     return path
+
+
+def _save_failed(run_dir: str | os.PathLike, path: pathlib.Path, error: BaseException) -> RuntimeError:
+    """The error of a failed save (every rank), after rank 0 removed what was written.
+
+    The partial directory is worth nothing (no marker) and may be what filled the disk.
+    A full disk is recognised by its errno or by the free space left when the write
+    failed: torch's serialisation reports a short write without the errno."""
+    text = str(error)
+    full = (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text
+            or _nearly_full(path))
+    if dist.is_main():
+        shutil.rmtree(path, ignore_errors=True)
+    previous = latest_checkpoint(run_dir, warn=False)
+    msg = (f"checkpoint {path} could not be written; its partial files were removed, and "
+           f"the newest complete checkpoint is still "
+           f"{previous.path if previous else 'none (the run has none yet)'}")
+    if full:
+        msg += (f". The file system of {run_dir} is full: free space (or lower "
+                f"checkpoint.keep_last), then re-run the same command to resume")
+    # The cause: the last line of the (last) traceback DCP gathered, else the message.
+    lines = [line for line in text.splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if not line.startswith((" ", "Traceback"))),
+                 text)
+    return RuntimeError(f"{msg}. Cause: {cause.strip()}")
+
+
+def _nearly_full(path: pathlib.Path) -> bool:
+    """Less than 1 MiB or 0.1% left on the file system of ``path``'s parent."""
+    try:
+        usage = shutil.disk_usage(path.parent)
+    except OSError:
+        return False
+    return usage.free < max(2**20, usage.total // 1000)
 
 
 # ----------------------------------------------------------------------------
 # Load
 
 
-def load(path: str | os.PathLike, state: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
+def load(path: str | os.PathLike, state: dict[str, Any], *, strict: bool = True,
+         check: bool = True) -> dict[str, Any]:
     """Restore ``state`` in place from the complete checkpoint at ``path``; return its meta.
 
     Collective. See the module docstring for how each kind of entry is restored.
     ``strict``: every key of ``state`` must be in the checkpoint (extra keys in the
     checkpoint are always fine). Raises FileNotFoundError for a directory without
-    marker.
+    marker, and DamagedCheckpoint (``check``, before anything is restored) when a file
+    differs from the size and CRC-32 its marker recorded.
     """
     path = pathlib.Path(path)
     meta = _read_marker(path)
     if meta is None:
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER})")
+    if check:
+        problems = verify(path, meta)
+        if problems:
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: " + "; ".join(problems))
     dcp_state = _to_dcp(state)
     try:
         with _calling_dcp("load", path):
@@ -501,16 +710,46 @@ def load_latest(run_dir: str | os.PathLike, state: dict[str, Any], *, strict: bo
     Collective. Returns that checkpoint's marker metadata (``nimg``, ``world_size``,
     the caller's fields...) or None, leaving ``state`` untouched, when there is none.
     Newer directories without marker are skipped with a warning. Rank 0 chooses and
-    broadcasts the choice, so all ranks load the same checkpoint.
+    broadcasts the choice, so all ranks load the same checkpoint. A checkpoint whose
+    files fail ``verify`` (truncated, a flipped bit, a file missing) is set aside (its
+    marker becomes ``DAMAGED``) with a warning, and the next older complete one is
+    tried; if every complete checkpoint is damaged, DamagedCheckpoint is raised.
     """
-    choice = None
+    found = None
     if dist.is_main():
-        latest = latest_checkpoint(run_dir)
-        choice = None if latest is None else str(latest.path)
-    choice = dist.broadcast_object(choice)
-    if choice is None:
-        return None
-    return load(choice, state, strict=strict)
+        latest_checkpoint(run_dir)  # the warnings about newer incomplete directories
+        ckpts = list_checkpoints(run_dir)
+        found = ([str(c.path) for c in reversed(ckpts) if c.complete],
+                 [str(c.path) for c in ckpts if (c.path / DAMAGED).exists()])
+    choices, set_aside = dist.broadcast_object(found)
+    if not choices and set_aside:
+        # Starting from scratch beside them would delete them (keep_last): a human decides.
+        raise DamagedCheckpoint(
+            f"{run_dir} holds no complete checkpoint, only damaged ones set aside earlier "
+            f"({', '.join(set_aside)}): restore them from a copy, or delete "
+            f"{pathlib.Path(run_dir) / _SUBDIR} to start from scratch")
+    damaged = []
+    for choice in choices:
+        path = pathlib.Path(choice)
+        meta = _read_marker(path)
+        problems = verify(path, meta) if meta is not None else [f"{MARKER} unreadable"]
+        if not problems:
+            if damaged:
+                dist.print0(f"resuming from {path}, the newest undamaged checkpoint")
+            return load(path, state, strict=strict, check=False)
+        damaged.append(path)
+        if dist.is_main():
+            warnings.warn(f"checkpoint {path} is damaged ({'; '.join(problems)}): set aside as "
+                          f"{path / DAMAGED}; trying the previous complete checkpoint")
+            if meta is not None:
+                _set_aside(path, meta, problems)
+        dist.barrier()
+    if damaged:
+        raise DamagedCheckpoint(
+            f"all {len(damaged)} complete checkpoints of {run_dir} are damaged (each set aside as "
+            f"{DAMAGED}, see the warnings): restore them from a copy, or delete "
+            f"{pathlib.Path(run_dir) / _SUBDIR} to start from scratch")
+    return None
 
 
 # ----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class DataConfig:
     num_workers: int = 1                     # DataLoader workers per rank
     random_flip: bool = True                 # horizontal flips (seeded per sample)
     bad_input: str = "skip"                  # convert | skip | raise (corrupt/odd images)
+    allow_shard_change: bool = False         # resume although the shard list differs from the checkpoint's
     # Data streams the global batch is split into (0 = one per rank). Fix it (e.g. 8) and the
     # data order, noise and so the run are independent of the number of ranks dividing it.
     streams: int = 0
@@ -106,6 +107,8 @@ class TrainConfig:
     backend: str = "ddp"                     # ddp | deepspeed
     zero_stage: int = 0                      # deepspeed ZeRO stage 1/2/3
     seed: int = 0
+    dist_timeout_s: float = 600.0            # a collective waiting longer for a rank (lost node) fails the job
+                                             # (must exceed the slowest checkpoint write or evaluation)
 
 
 @dataclass
@@ -279,6 +282,7 @@ def validate(cfg: Config) -> Config:
         ("train.micro_batch", cfg.train.micro_batch >= 0, "must be >= 0"),
         ("train.zero_stage", cfg.train.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps > 0, "must be > 0"),
+        ("train.dist_timeout_s", cfg.train.dist_timeout_s > 0, "must be > 0"),
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("data.resolution", cfg.data.resolution > 0, "must be > 0"),

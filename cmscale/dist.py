@@ -56,6 +56,7 @@ __all__ = [
     "LaunchEnv",
     "all_gather",
     "all_gather_flat",
+    "all_gather_object",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
@@ -316,7 +317,9 @@ def init(backend: str | None = None, timeout: datetime.timedelta | None = None) 
     exists (e.g. created by a test or by DeepSpeed), it is adopted as it is.
     ``backend`` overrides the default: ``"cuda:nccl,cpu:gloo"`` when CUDA is
     available (NCCL for CUDA tensors, gloo for the few CPU ones), else ``"gloo"``.
-    ``timeout`` is passed to ``init_process_group`` (its default when None).
+    ``timeout`` is passed to ``init_process_group`` (its default when None): how long a
+    collective waits for the other ranks (a lost node) before it raises. With CUDA,
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` is set to 1 unless set, so that NCCL honours it.
     """
     global _info
     if _info is not None:
@@ -369,6 +372,10 @@ def init(backend: str | None = None, timeout: datetime.timedelta | None = None) 
         kwargs: dict[str, Any] = {}
         if timeout is not None:
             kwargs["timeout"] = timeout
+        if use_cuda:
+            # NCCL collectives then honour the timeout: a watchdog aborts the communicator
+            # and ends the process instead of leaving it blocked on a lost rank forever.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         tdist.init_process_group(
             backend=backend, init_method="env://", rank=rank, world_size=world, **kwargs
         )
@@ -532,6 +539,15 @@ def broadcast_object(obj: Any = None, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src, device=_comm_device())
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order (pickled: small objects only)."""
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def print0(*args, **kwargs) -> None:

@@ -13,6 +13,7 @@ runs. Design notes: ``docs/data-flow.md``, ``docs/determinism.md``, ``docs/check
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -207,8 +208,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
-        self.info = dist.init()
+        self.info = dist.init(timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))
         self.device = self.info.device
+        checkpoint.check_run_dir(run_dir)  # read-only, uncreatable or node-local: fail now
         tc = cfg.train
         self.streams, self.per_rank, self.micro, self.accum = batch_split(cfg,
                                                                            self.info.world_size)
@@ -277,6 +279,8 @@ class Trainer:
         meta = {"nimg": nimg, "step": self.step, "reason": reason,
                 "backend": self.cfg.train.backend, "target_layout": "flat",
                 **self.backend.meta()}
+        if hasattr(self, "loaders"):
+            meta["data_shards"] = self.loaders[0].shard_set.fingerprint()
         path = checkpoint.save(self.run_dir, state, meta)
         self.saved_step = self.step
         if dist.is_main():
@@ -296,6 +300,36 @@ class Trainer:
         self.latest_meta = latest
         if latest is not None:
             parallel.check_resume(self.cfg, latest, self.info.world_size)
+
+    def check_shards(self, saved: dict | None) -> bool:
+        """Whether the shard list is the one the checkpoint's data positions refer to.
+
+        Collective. Every rank must see the same list (a node with a stale copy or mount
+        would read other samples); a list that changed since the save (shards added,
+        removed, re-packed) is refused unless ``data.allow_shard_change``, which resumes with
+        the data order of the new list from the images seen. Raises ValueError."""
+        mine = self.loaders[0].shard_set.fingerprint()
+        seen = dist.all_gather_object(mine)
+        differ = [r for r, f in enumerate(seen) if f != seen[0]]
+        if differ:
+            raise ValueError(
+                f"ranks see different shard lists for data.shards={self.cfg.data.shards!r}: rank 0 "
+                f"{seen[0]}, rank {differ[0]} {seen[differ[0]]}; every node must see the same "
+                f"shards (a shared file system, or identical copies)")
+        if saved is None or saved == mine:  # None: a checkpoint from before fingerprints
+            return True
+        what = (f"the shard list of data.shards={self.cfg.data.shards!r} changed since the "
+                f"checkpoint was written: it had {saved['shards']} shards, {saved['samples']} "
+                f"samples ({saved['first']} .. {saved['last']}, digest {saved['digest']}); now "
+                f"{mine['shards']} shards, {mine['samples']} samples ({mine['first']} .. "
+                f"{mine['last']}, digest {mine['digest']})")
+        if not self.cfg.data.allow_shard_change:
+            raise ValueError(
+                f"{what}. The saved data positions refer to the old list. Restore it, or set "
+                f"data.allow_shard_change=true to continue with the new list (its data order "
+                f"from the images seen; the run is then no longer reproducible from scratch)")
+        dist.print0(f"warning: {what}; continuing with the new list (data.allow_shard_change)")
+        return False
 
     def resume(self) -> dict | None:
         state = self.state(loading=True)
@@ -372,6 +406,8 @@ class Trainer:
                         f"saved by {meta.get('world_size')} ranks)")
         nimg = self.step * tc.global_batch
         self.loaders = build_data(cfg, self.info, self.streams, nimg, self.device)
+        if not self.check_shards(None if meta is None else meta.get("data_shards")):
+            self.saved_layout = None  # a new shard list: positions derived from nimg
         if self.saved_layout == self.data_layout:
             # Exact positions (they stay exact even after skipped bad samples).
             first = self.info.rank * len(self.loaders)

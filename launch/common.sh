@@ -30,6 +30,9 @@
 #   CMSCALE_TRAIN_MODULE   module run with -m             (cmscale.train; tests use a fake)
 #   CMSCALE_CONFIG         recipe YAML                    (REPO/configs/RECIPE.yaml)
 #   CMSCALE_MAX_REQUEUES   requeues allowed, compared with SLURM_RESTART_COUNT (20)
+#   CMSCALE_MAX_STALLED_REQUEUES  requeues in a row allowed without a newer complete
+#                          checkpoint (2): a job that stops before it makes progress is
+#                          a persistent failure, not a time limit
 #   CMSCALE_EXIT_REQUEUE   the trainer's requeue exit code (75 = cmscale.dist.EXIT_REQUEUE)
 #   CMSCALE_SRUN_ARGS      extra srun options, split on spaces (e.g. "--cpu-bind=none")
 #   CMSCALE_LAUNCHER       srun (default) or mpi (mpiexec; set by launch/mpi.sh)
@@ -121,6 +124,16 @@ cmscale_first_host() {
     echo "${hosts%%$'\n'*}"
 }
 
+# Name of the newest complete checkpoint of a run directory (nimg-... with a commit.json),
+# or nothing. The names are zero-padded, so the glob's sorted order is the nimg order.
+cmscale_newest_checkpoint() {
+    local marker newest=""
+    for marker in "$1"/checkpoints/nimg-*/commit.json; do
+        [ -e "$marker" ] && newest=$(basename "$(dirname "$marker")")
+    done
+    echo "$newest"
+}
+
 # Rendezvous port from the job id: the formula of cmscale.dist (10000 + id % 20000),
 # below Linux's ephemeral range, and stable across requeues.
 cmscale_port() { echo $((10000 + $1 % 20000)); }
@@ -182,6 +195,7 @@ cmscale_main() {
     local config=${CMSCALE_CONFIG:-$root/configs/$recipe.yaml}
     local exit_requeue=${CMSCALE_EXIT_REQUEUE:-$CMSCALE_DEFAULT_EXIT_REQUEUE}
     local max_requeues=${CMSCALE_MAX_REQUEUES:-20}
+    local max_stalled=${CMSCALE_MAX_STALLED_REQUEUES:-2}
     local restart=${SLURM_RESTART_COUNT:-0}
     if [ ! -f "$config" ]; then
         cmscale_log "no recipe config $config (set CMSCALE_CONFIG or add configs/$recipe.yaml)"
@@ -290,6 +304,8 @@ cmscale_main() {
     trap '_cmscale_forward USR2' USR2
     trap '_cmscale_on_term' TERM INT
 
+    local before
+    before=$(cmscale_newest_checkpoint "$run_dir")
     "${cmd[@]}" &
     step_pid=$!
     local rc=0
@@ -317,6 +333,20 @@ cmscale_main() {
     fi
     if [ "$restart" -ge "$max_requeues" ]; then
         cmscale_log "trainer checkpointed and stopped, but the job was already requeued $restart times (CMSCALE_MAX_REQUEUES=$max_requeues); not requeueing"
+        return "$rc"
+    fi
+    # Requeues in a row that ended without a newer complete checkpoint, kept in the run
+    # directory across requeues: a job that keeps stopping before its first step (a
+    # warning time longer than the time limit, a node that fails every start) stops here.
+    local stalls_file="$run_dir/.requeue-stalls-$job_tag" stalls=0 after
+    after=$(cmscale_newest_checkpoint "$run_dir")
+    if [ "$after" = "$before" ]; then
+        stalls=$(cat "$stalls_file" 2>/dev/null || echo 0)
+        stalls=$((stalls + 1))
+    fi
+    echo "$stalls" >"$stalls_file"
+    if [ "$stalls" -gt "$max_stalled" ]; then
+        cmscale_log "trainer stopped without a newer checkpoint than ${after:-none} $stalls times in a row (CMSCALE_MAX_STALLED_REQUEUES=$max_stalled): a persistent failure; not requeueing"
         return "$rc"
     fi
     cmscale_log "trainer checkpointed and stopped (exit $rc): requeueing job $SLURM_JOB_ID (restart $((restart + 1)) of at most $max_requeues)"

@@ -8,7 +8,7 @@ Tests live in three folders, by what they start:
 - ``tests/multiprocess/``: several ranks on this machine, started by torchrun, mpiexec, or by
   hand with the environment torchrun or ``srun`` gives (``tests/support/launch.py``), and the
   training runs they compare (dist, data across ranks, training, DeepSpeed, 2-rank
-  checkpoints, periodic FID). Every test here gets the ``dist`` marker (below), so
+  checkpoints, periodic FID, faults: two nodes, a lost node, data faults). Every test here gets the ``dist`` marker (below), so
   ``-m "not dist"`` leaves them out.
 - ``tests/e2e/``: commands and scripts end to end as a user runs them: the launch scripts
   (``tests/e2e/test_launch.py``; on a real SLURM ``test_slurm.py``, marked ``slurm``), the

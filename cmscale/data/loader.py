@@ -38,7 +38,10 @@ Bad input (`bad_input` = "convert" | "skip" | "raise"): see the table in `cmscal
 and `cmscale.data.reader`. Skips and conversions are counted per kind in `bad_input_counts`
 (this rank; keys "skipped.<kind>" / "converted.<kind>"), and warned about once per kind by the
 consuming process (BadInputWarning, with one example). A missing shard or a pattern matching
-nothing raises FileNotFoundError naming it, whatever the policy.
+nothing raises FileNotFoundError naming it, whatever the policy; so does a shard that vanishes
+mid-run, when it is opened (ShardOpenError). A worker that skips a whole pass over its slot
+without one usable sample (all its shards unreadable) raises BadInputError rather than
+looping for ever while the other ranks wait for it.
 """
 from __future__ import annotations
 
@@ -226,6 +229,10 @@ class _SlotDataset(IterableDataset):
         jpeg_decoder = fast_jpeg_decoder()  # probed by the consumer already: forked workers inherit it
         ref, images, labels, flips = next(buffers)
         arrays, flip_bits, n = images.numpy(), flips.numpy(), 0
+        # Skipped planned samples in a row: a whole pass over the slot without one usable
+        # sample (every shard it reads gone or unreadable) would otherwise loop for ever, and
+        # the other ranks would wait for this one in their next collective.
+        n_q, skipped_in_a_row = self.layout.slot_len(q), 0
         for item in items:
             try:
                 arr, label = self._decode(item, counter, jpeg_decoder)
@@ -233,7 +240,14 @@ class _SlotDataset(IterableDataset):
                 if self.policy == "raise":
                     raise BadInputError(f"{e.kind} in shard {item.url} key {item.key}: {e.detail}") from None
                 counter.add("skipped", e.kind, f"{item.url} key {item.key}" if item.key else item.url, e.detail)
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= max(1, n_q):
+                    raise BadInputError(
+                        f"rank {self.rank} worker {worker}: none of the {n_q} samples it plans to "
+                        f"read in an epoch is usable ({e.kind}, last in shard {item.url}): its "
+                        f"shards are missing, unreadable or corrupt; counts: {dict(counter.counts)}")
                 continue
+            skipped_in_a_row = 0
             arrays[n] = arr
             flip_bits[n] = flipped = self.random_flip and flip_bit(seed, item.epoch, item.index)
             if flipped and flip_here:

@@ -23,6 +23,7 @@ webdataset at the first header it does not handle (tests check both give the sam
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -65,6 +66,14 @@ class ShardSet:
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    def fingerprint(self) -> dict:
+        """What the data order depends on, as JSON: shard names (not their directory, so a
+        moved dataset matches) and sample counts, in order, with a digest of both."""
+        names = [shard_name(u) for u in self.urls]
+        digest = hashlib.sha256(json.dumps([names, list(self.counts)]).encode()).hexdigest()
+        return {"shards": len(names), "samples": self.num_samples, "digest": digest[:16],
+                "first": names[0] if names else None, "last": names[-1] if names else None}
 
 
 def expand_spec(spec) -> list[str]:

@@ -141,6 +141,49 @@ def test_common_refuses_outside_slurm(tmp_path):
     assert "not inside a SLURM job" in out.stderr
 
 
+def _fake_slurm(tmp_path: Path, run_dir: Path, **extra) -> dict[str, str]:
+    """common.sh "inside a job" without SLURM: an srun that runs the task here (one task)
+    and an scontrol that records requeues in ``requeues.log``."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "srun").write_text('#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\nexec "$@"\n')
+    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >>"{tmp_path}/requeues.log"\n')
+    for tool in ("srun", "scontrol"):
+        (fake / tool).chmod(0o755)
+    env = _fake_env(tmp_path, PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID="77",
+                    SLURM_JOB_NODELIST="localhost", RUN_DIR=str(run_dir), **extra)
+    return env
+
+
+@pytest.mark.parametrize("progress, exit_code, requeued", [
+    ("1", "75", [0, 1, 2, 3, 4]),  # checkpointed and stopped, newer checkpoint each time
+    ("0", "75", [0, 1]),           # stops before any progress: at most 2 requeues in a row
+    ("1", "1", []),                # fails: never requeued
+], ids=["progress", "stalled", "failing"])
+def test_requeue_stops_on_a_persistent_failure(tmp_path, progress, exit_code, requeued):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    done = []
+    for restart in range(5):  # what SLURM would run after each requeue
+        env = _fake_slurm(tmp_path, run_dir, SLURM_RESTART_COUNT=str(restart),
+                          FAKE_TRAINER_EXIT=exit_code, FAKE_TRAINER_PROGRESS=progress)
+        log = tmp_path / "requeues.log"
+        before = log.read_text().count("requeue") if log.exists() else 0
+        out = subprocess.run(["bash", str(COMMON), "quickstart"], capture_output=True,
+                             text=True, env=env, timeout=60)
+        if (log.read_text().count("requeue") if log.exists() else 0) > before:
+            done.append(restart)
+            assert out.returncode == 0, out.stderr
+        else:
+            assert out.returncode == int(exit_code), out.stderr
+            break
+    assert done == requeued
+    if progress == "0":
+        assert "3 times in a row (CMSCALE_MAX_STALLED_REQUEUES=2)" in out.stderr
+    if exit_code == "1":
+        assert "not requeueing" in out.stderr
+
+
 # ----------------------------------------------------------------------------
 # launch/task.sh: the requeue code becomes exit 0 plus a marker
 

@@ -1,6 +1,7 @@
 """cmscale.dist: host lists, launcher detection, helpers, stop flag, real 2-rank runs."""
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import sys
@@ -212,3 +213,23 @@ def test_mpiexec_init_and_collectives(tmp_path):
     # Rank 0 chose the rendezvous point and every rank got the same one.
     assert results[0]["master_port"] == results[1]["master_port"]
     assert results[0]["master_addr"] == results[1]["master_addr"]
+
+
+def test_init_bounds_collectives_and_lets_nccl_honour_the_bound(monkeypatch):
+    # What a GPU rank passes to the process group (no GPU here: CUDA and the group are
+    # stand-ins): the timeout that ends a wait for a lost node, and NCCL's async error
+    # handling, without which a blocked NCCL collective ignores it.
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist.tdist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "")  # restored afterwards
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    for key, value in _launch.torchrun_env(2, 29999)[1].items():
+        monkeypatch.setenv(key, value)
+    info = dist.init(timeout=datetime.timedelta(seconds=42))
+    assert (info.rank, info.world_size) == (1, 2)
+    assert seen["timeout"] == datetime.timedelta(seconds=42)
+    assert seen["backend"] == "cuda:nccl,cpu:gloo"
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"

@@ -17,6 +17,9 @@ signal, then exits with ``CMSCALE_EXIT_REQUEUE`` (75); ranks > 0 exit
 ``FAKE_TRAINER_STAGGER_S`` (1.0) seconds after rank 0, as a real trainer's ranks finish
 their shutdown at slightly different times. Any other run finishes at once (exit 0).
 A run listed there that gets no signal in time exits 1.
+``FAKE_TRAINER_EXIT``: exit at once with this code instead (a trainer that fails, or stops
+before its first step); ``FAKE_TRAINER_PROGRESS=1``: before that, commit a checkpoint named
+after the run (``checkpoints/nimg-{run+1}/commit.json``), as a run that made progress does.
 """
 from __future__ import annotations
 
@@ -59,6 +62,14 @@ def main(argv: list[str]) -> int:
         json.dump({"argv": argv, "rank": rank, "pid": os.getpid(),
                    "env": {k: env[k] for k in keys if k in env}}, f)
     print(f"fake trainer {tag}: started, argv {argv}", flush=True)
+
+    if env.get("FAKE_TRAINER_EXIT"):
+        if env.get("FAKE_TRAINER_PROGRESS") == "1" and rank == 0:
+            ckpt = os.path.join(run_dir, "checkpoints", f"nimg-{run + 1:012d}")
+            os.makedirs(ckpt, exist_ok=True)
+            with open(os.path.join(ckpt, "commit.json"), "w") as f:
+                json.dump({"nimg": run + 1}, f)
+        return int(env["FAKE_TRAINER_EXIT"])
 
     if run not in stop_runs:
         open(os.path.join(run_dir, f"done-{tag}"), "w").close()

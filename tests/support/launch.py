@@ -90,6 +90,53 @@ def torchrun_cmd(scenario: str, out: pathlib.Path, nproc: int = 2) -> list[str]:
     return prefix + ["--standalone", f"--nproc_per_node={nproc}", WORKER, scenario, str(out)]
 
 
+def torchrun_node_cmd(node_rank: int, port: int, args: list[str], nnodes: int = 2,
+                      nproc: int = 1) -> list[str]:
+    """One torchrun agent of an ``nnodes``-node job, all on this machine: what each node of a
+    real multi-node job runs (c10d rendezvous on node 0's endpoint). ``args``: the script or
+    ``-m module`` and its arguments."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    prefix = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    return prefix + [f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+                     f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=cmscale-test",
+                     "--max-restarts=0", *args]
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (comm) state ppid ...": comm may hold spaces, split after its ")"
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def signal_tree(pid: int, sig: int) -> list[int]:
+    """Send ``sig`` to ``pid`` and its descendants: a whole "node" of a job on this machine
+    (torchrun starts each worker in a session of its own, so a process group is not enough).
+    Returns the pids signalled."""
+    tree = process_tree(pid)
+    for p in tree:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
 def mpiexec_path() -> str | None:
     return shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -89,7 +90,9 @@ def test_roundtrip_single_process_in_place(tmp_path):
     assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", "commit.json"]
     marker = json.loads((path / "commit.json").read_text())
     assert {k: marker[k] for k in ("nimg", "step", "world_size", "format")} == \
-        {"nimg": 640, "step": 2, "world_size": 1, "format": 1}
+        {"nimg": 640, "step": 2, "world_size": 1, "format": 2}
+    assert sorted(marker["files"]) == [".metadata", "__0_0.distcp"]
+    assert marker["files"]["__0_0.distcp"]["size"] == (path / "__0_0.distcp").stat().st_size
     assert "time" in marker and "unix_time" in marker
 
     net2 = _net(1)
@@ -203,9 +206,19 @@ class _Custom:
     pass
 
 
+def _rerecord(path):
+    """Make the marker's checksums match the files again (what a forger would do)."""
+    marker = json.loads((path / "commit.json").read_text())
+    for name in marker["files"]:
+        data = (path / name).read_bytes()
+        marker["files"][name] = {"size": len(data), "crc32": zlib.crc32(data)}
+    (path / "commit.json").write_text(json.dumps(marker))
+
+
 def test_metadata_with_code_is_refused(tmp_path):
     path = _save_simple(tmp_path, 1)
     (path / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    _rerecord(path)  # past the checksums, the unpickler itself must refuse
     with pytest.raises(RuntimeError, match="posix.system, which is not allowed"):
         _load_simple(tmp_path)
     assert not os.path.exists("/tmp/cmscale-pwned")
