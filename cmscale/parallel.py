@@ -119,7 +119,7 @@ def wrap_deepspeed(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.D
         raise ValueError(
             "train.precision=fp16 with train.backend=deepspeed needs a GPU: DeepSpeed's CPU "
             "accelerator has no fp16. Use train.precision=bf16 or fp32, or train.backend=ddp "
-            "(its GradScaler works on CPU).")
+            "(its loss scale works on CPU).")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if info.device.type == "cuda" else "cpu")
     _ensure_process_group(info)
     import deepspeed

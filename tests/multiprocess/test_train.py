@@ -290,7 +290,7 @@ def test_edm_teacher_then_cd_from_its_export_and_fp16(tmp_path, cache):
 
 
 def test_fp16_resume_is_bit_identical(tmp_path, cache):
-    """A resumed fp16 run restores the loss scale before the GradScaler's first step."""
+    """A resumed fp16 run restores the loss-scale exponent, growth included, exactly."""
     import shutil
 
     run = tmp_path / "run"
@@ -508,3 +508,24 @@ def test_ict_trainer_target_is_the_stop_gradient_online_net_with_shared_dropout(
     for k, p in before.named_parameters():
         if p.grad is not None:
             assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k
+
+
+def test_fp16_checkpoint_of_the_gradscaler_era_resumes_from_its_scale(tmp_path, cache,
+                                                                      monkeypatch):
+    """A checkpoint written before the reference's loss scale holds only ``scaler.scale`` and
+    no ``loss_scale`` marker entry: the resumed run continues from log2 of that scale."""
+    from cmscale.training_loop import Trainer
+
+    monkeypatch.setenv("CMSCALE_CACHE", str(cache))
+    cfg = load_config(None, TINY + ["data.num_workers=0", "train.precision=fp16"])
+    old = Trainer(cfg, str(tmp_path / "run"))
+    monkeypatch.setattr(old.backend, "state", lambda loading=False: {
+        "model": checkpoint.ModelOptimizer(old.net, old.opt),
+        "scaler": {"scale": torch.tensor(2.0**19)}})
+    monkeypatch.setattr(old.backend, "meta", lambda: {})
+    old.step = 3
+    old.save("periodic")
+    new = Trainer(cfg, str(tmp_path / "run"))
+    assert "loss_scale" not in new.latest_meta
+    assert new.resume() is not None and new.step == 3
+    assert new.backend.loss_scale.log2_scale == 19.0
