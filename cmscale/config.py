@@ -60,7 +60,7 @@ class LossConfig:
     # CD: fixed N and target EMA; teacher checkpoint (ours or a reference .pt)
     num_scales: int = 40
     target_ema: float = 0.95
-    teacher: str = ""                        # path to teacher weights (cd)
+    teacher: str = ""                        # teacher weights file or diffusers folder (cd)
     teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
     teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
     solver: str = "heun"                     # heun | euler (cd)
