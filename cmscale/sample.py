@@ -11,10 +11,10 @@ abbreviation of its own ``--numa-binding`` and refuses to start.)
 
 ``CK`` is one of: a run directory (its newest complete checkpoint), a checkpoint directory
 ``RUN/checkpoints/nimg-*``, an export written by ``cmscale export`` (``.safetensors``/``.pt``
-with its ``.json`` beside it), or a public openai/consistency_models ``.pt`` (then ``--preset``
+with its ``.json`` beside it), a public openai/consistency_models ``.pt`` (then ``--preset``
 names the UNet; it must load with strict=True), or a diffusers folder (``unet/`` +
-``scheduler/``, e.g. written by ``cmscale export --format diffusers``). ``--ema`` picks the network of a run:
-an EMA name (``ema_0_9999``) or rate (``0.9999``), ``online`` or ``target``.
+``scheduler/``, e.g. written by ``cmscale export --format diffusers``). ``--ema`` picks the
+network of a run: an EMA name (``ema_0_9999``) or rate (``0.9999``), ``online`` or ``target``.
 
 Sampling (Song et al. 2023, Algorithm 1): one step ``clamp(f(sigma_max z, sigma_max))`` by default;
 ``--ts/--steps`` is the reference's multistep form (indices into a Karras grid), ``--sigmas`` an
