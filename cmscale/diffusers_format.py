@@ -83,7 +83,8 @@ def unet_kwargs(preset: str | None, overrides: dict | None = None) -> dict:
 def _levels(kw: dict) -> list[bool]:
     """Per level: does it attend (ADM's attention_resolutions as feature-map sides)."""
     size = kw["image_size"]
-    return [size // 2**i in set(kw["attention_resolutions"]) for i in range(len(kw["channel_mult"]))]
+    resolutions = set(kw["attention_resolutions"])
+    return [size // 2**i in resolutions for i in range(len(kw["channel_mult"]))]
 
 
 def _head_dim(kw: dict) -> int:
@@ -213,7 +214,8 @@ def _prefixes(kw: dict) -> list[tuple[str, str, str]]:
             if attn:
                 pairs.append((f"output_blocks.{k}.1", f"up_blocks.{i}.attentions.{j}", "attn"))
             if level and j == kw["num_res_blocks"]:
-                ours = f"output_blocks.{k}.{2 if attn else 1}" + ("" if updown == "res" else ".conv")
+                ours = f"output_blocks.{k}.{2 if attn else 1}"
+                ours += "" if updown == "res" else ".conv"
                 theirs = f"up_blocks.{i}.upsamplers.0" + ("" if updown == "res" else ".conv")
                 pairs.append((ours, theirs, "res" if updown == "res" else "plain"))
             k += 1
@@ -323,7 +325,8 @@ def read_folder(path: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(f"{path}/unet is a {cfg['_class_name']}, not a UNet2DModel")
     kw = from_diffusers_config(cfg)
-    weights = [os.path.join(path, UNET_DIR, n) for n in (UNET_WEIGHTS, "diffusion_pytorch_model.bin")]
+    weights = [os.path.join(path, UNET_DIR, n)
+               for n in (UNET_WEIGHTS, "diffusion_pytorch_model.bin")]
     found = [w for w in weights if os.path.isfile(w)]
     if not found:
         raise FileNotFoundError(f"{path}/unet has no {UNET_WEIGHTS}")
