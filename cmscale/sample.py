@@ -220,8 +220,8 @@ def _assemble(out: str, num: int, world: int, shape: tuple, labels) -> str:
 
 def add_network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="run dir, RUN/checkpoints/nimg-* dir, export (.safetensors/.pt + .json) "
-                        "or reference .pt (with --preset)")
+                   help="run dir, RUN/checkpoints/nimg-* dir, export (.safetensors/.pt + .json), "
+                        "reference .pt (with --preset) or diffusers folder")
     p.add_argument("--ema", default="", help="network of a run: EMA name or rate (default: "
                    "the run's first EMA), 'online' or 'target'")
     p.add_argument("--preset", default=None, help="UNet preset of a reference .pt "
@@ -237,7 +237,10 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="cmscale sample", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="cmscale sample", description=__doc__.split("\n")[0],
+        epilog="example: cmscale sample --checkpoint runs/digits --num 64 --out samples/ "
+               "--ts 0,20,39 --steps 40", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_network_args(p)
     # --num-images too: torchrun's own parser takes "--num" for an abbreviation of its
     # --numa-binding and stops ("ambiguous option"), even after the script's name.

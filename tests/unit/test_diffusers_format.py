@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import CMStochasticIterativeScheduler, UNet2DModel
 
+from cmscale import convert
 from cmscale import diffusers_format as dfmt
 from cmscale.networks.unet import UNet
 
@@ -97,3 +98,19 @@ def test_scheduler_config_is_diffusers_consistency_scheduler_with_our_levels():
     def at(i):
         return (60.0 ** (1 / rho) + i / 17 * (0.01 ** (1 / rho) - 60.0 ** (1 / rho))) ** rho
     torch.testing.assert_close(sched.sigmas, torch.tensor([at(0), at(9), 0.01]))
+
+
+def test_convert_writes_a_reference_pt_as_a_folder_and_reads_it_back(tmp_path):
+    kw = dfmt.unet_kwargs("tiny32_cond")
+    state = randomised(kw).state_dict()
+    torch.save(state, tmp_path / "ref.pt")
+    folder, back = tmp_path / "folder", tmp_path / "back.safetensors"
+    assert convert.main([str(tmp_path / "ref.pt"), "--preset", "tiny32_cond", "--format",
+                         "diffusers", "--out", str(folder)]) == 0
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == \
+        "ConsistencyModelPipeline"
+    assert convert.main([str(folder), "--out", str(back)]) == 0
+    from safetensors.torch import load_file
+
+    got = load_file(str(back))
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
