@@ -18,6 +18,7 @@ COMMANDS = {
     "make-shards": ("cmscale.make_shards", "images (folder, lmdb, .npz, embedded) -> tar shards"),
     "ref-stats": ("cmscale.ref_stats", "reference statistics for FID from images or shards"),
     "fid-report": ("cmscale.fid_report", "FID of every checkpoint x EMA x sampler: CSV, table, plot"),
+    "compare": ("cmscale.compare", "an EDM teacher at 1..35 NFE beside its consistency model"),
 }
 
 

@@ -45,7 +45,6 @@ import csv
 import datetime
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -56,6 +55,7 @@ from . import checkpoint, dist
 from .atomic import write_json
 from .config import load_config
 from .evaluation import make_generate
+from .imageio import plot_lines
 from .metrics import features as F
 from .metrics import fid as M
 from .runs import load_run, network_name
@@ -203,7 +203,7 @@ def plot(rows: list[dict], path: str) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _plot_pil(series, path)
+        plot_lines(series, path, "FID vs training images", "training images (nimg)", "FID")
         return "pil"
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for label, pts in series.items():
@@ -217,70 +217,6 @@ def plot(rows: list[dict], path: str) -> str:
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     return "matplotlib"
-
-
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=10 * mag)
-    start = math.ceil(lo / step) * step
-    return [start + k * step for k in range(int((hi - start) / step + 1e-9) + 1)]
-
-
-def _plot_pil(series: dict, path: str) -> None:
-    from PIL import Image, ImageDraw, ImageFont
-
-    W, H = 900, 560
-    left, right, top, bottom = 80, 20, 40, 60 + 16 * ((len(series) + 1) // 2)
-    img = Image.new("RGB", (W, H + 16 * ((len(series) + 1) // 2)), "white")
-    H = img.height
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    pts = [p for v in series.values() for p in v]
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    x0, x1 = (min(xs), max(xs)) if xs else (0, 1)
-    y0, y1 = (min(ys), max(ys)) if ys else (0, 1)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    pad = (y1 - y0) * 0.05 or max(abs(y0) * 0.05, 1.0)
-    y0, y1 = y0 - pad, y1 + pad
-    pw, ph = W - left - right, H - top - bottom
-
-    def tx(x):
-        return left + (x - x0) / (x1 - x0) * pw
-
-    def ty(y):
-        return top + (1 - (y - y0) / (y1 - y0)) * ph
-
-    d.text((left, 12), "FID vs training images", fill="black", font=font)
-    for t in _nice_ticks(y0, y1):
-        d.line([(left, ty(t)), (left + pw, ty(t))], fill=(225, 225, 225))
-        d.text((5, ty(t) - 6), f"{t:g}", fill="black", font=font)
-    for t in _nice_ticks(x0, x1):
-        d.line([(tx(t), top), (tx(t), top + ph)], fill=(235, 235, 235))
-        d.text((tx(t) - 15, top + ph + 5), f"{t:g}", fill="black", font=font)
-    d.rectangle([left, top, left + pw, top + ph], outline="black")
-    d.text((left + pw // 2 - 60, top + ph + 22), "training images (nimg)", fill="black", font=font)
-    d.text((5, top - 16), "FID", fill="black", font=font)
-    for k, (label, pts) in enumerate(series.items()):
-        col = _COLORS[k % len(_COLORS)]
-        xy = [(tx(x), ty(y)) for x, y in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=col, width=2)
-        for x, y in xy:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
-        lx = left + (k % 2) * (pw // 2)
-        ly = top + ph + 40 + 16 * (k // 2)
-        d.line([(lx, ly + 6), (lx + 20, ly + 6)], fill=col, width=3)
-        d.text((lx + 26, ly), label, fill="black", font=font)
-    img.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
 
 
 # ----------------------------------------------------------------------------- main

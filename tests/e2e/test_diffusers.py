@@ -139,6 +139,20 @@ def test_cmscale_samples_the_exported_folder_like_the_run(cd_run, exported, tmp_
     assert np.array_equal(outs[0], outs[1])
 
 
+def test_compare_draws_teacher_and_student_with_their_fd(teacher, cd_run, tmp_path):
+    from cmscale import compare
+
+    result = compare.compare(str(teacher), str(cd_run), str(tmp_path / "cmp"), num=16,
+                             batch_size=16)
+    nfe = [(r["model"], r["nfe"]) for r in result["rows"]]
+    assert nfe[-2:] == [("consistency model", 1), ("consistency model", 2)]
+    assert sorted(n for m, n in nfe if m == "EDM teacher") == [1, 2, 3, 4, 5, 9, 19, 35]
+    assert all(np.isfinite(r["fd"]) and r["fd"] > 0 for r in result["rows"])
+    from PIL import Image
+
+    assert Image.open(tmp_path / "cmp" / "compare.png").width >= 5 * 100
+
+
 def test_exported_folder_is_a_cd_teacher_and_a_wrong_preset_is_named(exported, tmp_path):
     from cmscale.config import load_config
     from cmscale.methods.cd import build_teacher

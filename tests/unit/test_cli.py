@@ -11,6 +11,7 @@ FLAGS = {
     "export": ["--checkpoint", "--ema", "--out"], "convert": ["--out"],
     "make-shards": ["--out", "--num"], "ref-stats": ["--out", "--num"],
     "fid-report": ["--checkpoint", "--ema", "--num", "--out"],
+    "compare": ["--checkpoint", "--num", "--out"],
 }
 
 
