@@ -13,11 +13,11 @@ COMMANDS = {
     "train": ("cmscale.train", "train or resume a run from a YAML recipe"),
     "sample": ("cmscale.sample", "generate images (PNGs, grid, evaluator .npz), any world size"),
     "edit": ("cmscale.editing", "zero-shot editing: inpaint, colorize, superres, stroke, ..."),
-    "export": ("cmscale.export", "write one network of a run as a weights file or diffusers folder"),
+    "export": ("cmscale.export", "one network of a run as a weights file or diffusers folder"),
     "convert": ("cmscale.convert", "a reference .pt or diffusers folder -> weights file or folder"),
     "make-shards": ("cmscale.make_shards", "images (folder, lmdb, .npz, embedded) -> tar shards"),
     "ref-stats": ("cmscale.ref_stats", "reference statistics for FID from images or shards"),
-    "fid-report": ("cmscale.fid_report", "FID of every checkpoint x EMA x sampler: CSV, table, plot"),
+    "fid-report": ("cmscale.fid_report", "FID of checkpoints x EMAs x samplers: CSV, table, plot"),
     "compare": ("cmscale.compare", "an EDM teacher at 1..35 NFE beside its consistency model"),
 }
 

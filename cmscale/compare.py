@@ -20,7 +20,6 @@ an offline CNN trained on the digits, not Inception).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -138,7 +137,8 @@ def compare(teacher: str, student: str, out: str, extractor_name: str = "digits"
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cmscale compare", description=__doc__.split("\n\n")[0],
-                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="the EDM teacher (run, export or folder)")
     p.add_argument("--checkpoint", required=True, help="the consistency model (run, export ...)")
     p.add_argument("--out", required=True, help="output directory")

@@ -52,7 +52,8 @@ def _parse_set(items: list[str]) -> dict:
 def convert(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Run the conversion; returns the state dict written (our names and layout)."""
     p = argparse.ArgumentParser(prog="cmscale convert", description=__doc__.split("\n\n")[0],
-                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="reference checkpoint (.pt) or diffusers folder")
     p.add_argument("dst_pos", nargs="?", metavar="DST", help="same as --out")
     p.add_argument("--out", default=None, help="output: *.safetensors, otherwise a torch state "
