@@ -139,6 +139,7 @@ def test_cmscale_samples_the_exported_folder_like_the_run(cd_run, exported, tmp_
     assert np.array_equal(outs[0], outs[1])
 
 
+@pytest.mark.slow  # about a minute: the digits extractor and 10 samplers
 def test_compare_draws_teacher_and_student_with_their_fd(teacher, cd_run, tmp_path):
     from cmscale import compare
 
