@@ -30,7 +30,7 @@ extras_require = {
 }
 extras_require["dev"] = sorted(
     set(extras_require["cluster"] + extras_require["data"] + extras_require["diffusers"]
-        + ["pytest>=7.4", "mpich>=4.1"])
+        + ["pytest>=7.4", "mpich>=4.1", "piq>=0.8"])  # piq: the reference LPIPS, for parity tests
 )
 
 setup(

@@ -21,7 +21,7 @@ Combinations: every complete checkpoint (``--every K``: every K-th, always with 
 - ``onestep``: ``clamp(f(sigma_max z, sigma_max))``;
 - ``ts=0,20,39/40``: the reference's multistep ``ts`` indices into a Karras grid of 40 points;
 - ``sigmas=80,0.8``: explicit noise levels;
-- ``edm`` / ``edm=18``: the Heun sampler (runs saved in ``edm`` mode only; they get it by default).
+- ``edm`` / ``edm=N``: the Heun sampler (``edm``: 40 steps, NFE 79) (runs saved in ``edm`` mode only; they get it by default).
 
 Image i of every combination uses noise stream (``--seed``, i) and, for class-conditional nets,
 a label from its own stream (the same as ``cmscale sample``), made in ``generate(indices)``, a
@@ -122,7 +122,7 @@ def build_combos(args) -> list[dict]:
         run_samplers = samplers
         if cfg.loss.mode == "edm":
             run_samplers = ([s for s in samplers if s.kind in EDM_KINDS]
-                            or [Sampler("edm", steps=18)])
+                            or [Sampler.parse("edm")])
         for ck in select_checkpoints(run, args.every, args.limit_checkpoints):
             for e in emas:
                 for s in run_samplers:
