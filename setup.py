@@ -24,9 +24,12 @@ extras_require = {
     "cluster": ["deepspeed>=0.14", "mpi4py>=3.1", "submitit>=1.5"],
     # Embedded datasets (quickstart, tests) and LSUN lmdb exports for make_shards.
     "data": ["scikit-learn>=1.3", "scikit-image>=0.21", "lmdb>=1.4"],
+    # diffusers pipelines in and out (cmscale export --format diffusers, diffusers folders as
+    # --checkpoint / loss.teacher): the folder format is tested with 0.42.1, so the minor is pinned.
+    "diffusers": ["diffusers>=0.42.1,<0.43"],
 }
 extras_require["dev"] = sorted(
-    set(extras_require["cluster"] + extras_require["data"]
+    set(extras_require["cluster"] + extras_require["data"] + extras_require["diffusers"]
         + ["pytest>=7.4", "mpich>=4.1", "piq>=0.8"])  # piq: the reference LPIPS, for parity tests
 )
 

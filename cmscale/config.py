@@ -64,8 +64,8 @@ class LossConfig:
     # CD: fixed N and target EMA; teacher checkpoint (ours or a reference .pt)
     num_scales: int = 40
     target_ema: float = 0.95
-    teacher: str = ""                        # path to teacher weights (cd; ect: the EDM
-                                             # denoiser the student starts from)
+    teacher: str = ""                        # teacher weights file or diffusers folder (cd;
+                                             # ect: the EDM denoiser the student starts from)
     teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
     teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
     solver: str = "heun"                     # heun | euler (cd)
@@ -147,7 +147,7 @@ class EvalConfig:
     num_images: int = 1000                   # generated images per FID (the paper: 50000)
     extractor: str = "inception"             # inception | digits (offline, embedded digits)
     inception: str = ""                      # local inception-2015-12-05.pt (else the cache)
-    ref: str = ""                            # reference statistics (tools/ref_stats.py); "" for
+    ref: str = ""                            # reference statistics (cmscale ref-stats); "" for
                                              # embedded data: made from the dataset and cached
     batch_size: int = 64
     seed: int = 0
@@ -344,7 +344,7 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"eval.samplers: {e} (loss.mode={cfg.loss.mode!r})") from None
         if not cfg.eval.ref and not cfg.data.shards.startswith("embedded:"):
             raise ConfigError("eval.ref: periodic FID needs reference statistics for your data "
-                              "(python tools/ref_stats.py SRC OUT.npz, then eval.ref=OUT.npz)")
+                              "(cmscale ref-stats SRC --out OUT.npz, then eval.ref=OUT.npz)")
     return cfg
 
 

@@ -322,7 +322,10 @@ TASKS = tuple(TASK_HELP)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="cmscale edit", description=__doc__.split("\n")[0],
-                                epilog="Algorithm and defaults: cmscale/editing.py's docstring.")
+                                epilog="example: cmscale edit inpaint --checkpoint runs/digits "
+                                       "--image img.png --mask mask.png --out edits/\n"
+                                       "Algorithm and defaults: cmscale/editing.py's docstring.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="task", required=True)
     for task in TASKS:
         s = sub.add_parser(task, help=TASK_HELP[task], description=TASK_HELP[task])

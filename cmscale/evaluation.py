@@ -1,5 +1,5 @@
 """FID of a network under named samplers: used by periodic evaluation in training and by
-``tools/fid_report.py``.
+``cmscale fid-report``.
 
 Samplers (``eval.samplers`` in a config, ``--sampler`` of the report) are
 :class:`cmscale.sampler.Sampler` specifications (``onestep``, ``ts=0,20,39/40``,
@@ -10,7 +10,7 @@ so a FID does not depend on the world size or the batch size; every network call
 
 :class:`PeriodicEval` is what the trainer runs every ``eval.every_images`` images: it samples the
 chosen EMA with each sampler, computes FID over all ranks against reference statistics (a file
-from ``tools/ref_stats.py``, or, for the embedded datasets, statistics it makes and caches
+from ``cmscale ref-stats``, or, for the embedded datasets, statistics it makes and caches
 itself) and returns ``{"fid/<sampler>": value}``.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def reference_stats(cfg, extractor) -> M.FeatureStats:
                              batch_size=ec.batch_size)
     else:
         raise ValueError("eval.ref: periodic FID needs reference statistics "
-                         "(python tools/ref_stats.py SRC OUT.npz; then eval.ref=OUT.npz)")
+                         "(cmscale ref-stats SRC --out OUT.npz; then eval.ref=OUT.npz)")
     M.check_compatible(extractor.settings(), ref.settings)
     return ref
 

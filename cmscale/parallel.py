@@ -15,6 +15,8 @@ import contextlib
 import logging
 import math
 import os
+import resource
+import sys
 from typing import Any
 
 import torch
@@ -286,6 +288,16 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def device_memory(device: torch.device) -> dict[str, float]:
+    """This process's memory in GiB for the log: on CUDA allocated now and the peak since the
+    start (``memory/allocated_gib``, ``memory/peak_gib``); elsewhere the peak resident set."""
+    if device.type == "cuda":
+        return {"memory/allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+                "memory/peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"memory/peak_rss_gib": peak * (1 if sys.platform != "darwin" else 1 / 1024) / 2**20}
+
+
 def _poisoned(loss: torch.Tensor) -> torch.Tensor:
     # A step is skipped on a non-finite gradient norm: make a non-finite loss reach that
     # check (x1 otherwise: exact, no host sync).
@@ -320,6 +332,10 @@ class _Backend:
 
     def meta(self) -> dict:
         return {}
+
+    def loss_scale(self) -> float | None:
+        """The dynamic fp16 loss scale (None without one)."""
+        return None
 
 
 class LossScale:
@@ -394,6 +410,9 @@ class DDPBackend(_Backend):
     def full_parameters(self):
         return contextlib.nullcontext(self.net)
 
+    def loss_scale(self) -> float | None:
+        return None if self.scaler is None else float(self.scaler.get_scale())
+
     def blank_network(self) -> nn.Module:
         """A plain network (no grads) to write whole weights into."""
         return frozen_copy(self.net)
@@ -445,6 +464,13 @@ class DeepSpeedBackend(_Backend):
 
     def full_parameters(self):
         return full_parameters(self.engine)
+
+    def loss_scale(self) -> float | None:
+        if self.precision != "fp16":
+            return None
+        opt = self.engine.optimizer  # FP16 and ZeRO optimizers name it differently
+        scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+        return None if scale is None else float(scale)
 
     def blank_network(self) -> nn.Module:
         return self.build_net().to(self.device).requires_grad_(False)

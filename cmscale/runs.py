@@ -2,7 +2,10 @@
 
 ``spec`` is a run directory (its newest complete checkpoint), a checkpoint directory
 ``RUN/checkpoints/nimg-*``, an export of ``cmscale export`` (``.safetensors``/``.pt`` with its
-``.json`` beside it) or a public reference ``.pt`` (its UNet named by ``preset``). ``which``
+``.json`` beside it), a public reference ``.pt`` (its UNet named by ``preset``) or a diffusers
+folder (``unet/`` + ``scheduler/``, :mod:`cmscale.diffusers_format`: the UNet from its config,
+the noise levels from its scheduler; a ``CMStochasticIterativeScheduler`` makes it a
+consistency model, any other scheduler an EDM denoiser). ``which``
 picks the network of a run: an EMA name (``ema_0_9999``) or rate (``0.9999``), ``online`` or
 ``target``; the default is the run's first EMA. Every network is built by
 :func:`cmscale.methods.build_net` (the UNet inside its preconditioning) and files load with
@@ -19,7 +22,7 @@ import os
 
 import torch
 
-from . import checkpoint, dist, schedules
+from . import checkpoint, diffusers_format, dist, schedules
 from .config import Config, load_config
 from .ema import ShardedAverage, ema_name, frozen_copy
 from .methods import METHODS, build_net
@@ -107,6 +110,8 @@ def load_network(spec: str, which: str = "", preset: str | None = None,
     in eval mode without gradients, on ``device`` (default: the CPU). ``mode`` ('cm' or
     'edm') says what a reference file is; ``overrides`` are UNet kwargs over the preset."""
     spec = os.path.normpath(spec)
+    if diffusers_format.is_folder(spec):
+        return _load_folder(spec, mode, device)
     if os.path.isdir(spec):
         run_dir, ckpt = _run_of(spec)
         return load_run(run_dir, which, ckpt, device)
@@ -136,6 +141,21 @@ def load_network(spec: str, which: str = "", preset: str | None = None,
         net_kw = dict(overrides or {})
     net = build_net(_net_config(info, net_kw))
     load_strict(net.model, spec, info["preset"], what="checkpoint")
+    return _ready(net, device), info
+
+
+def _load_folder(path: str, mode: str | None, device):
+    """(network, info) of a diffusers folder."""
+    kw, _, sched = diffusers_format.read_folder(path)
+    if not mode:
+        mode = "cm" if sched.get("_class_name") == diffusers_format.CM_SCHEDULER else "edm"
+    info = dict(source="diffusers", path=os.path.abspath(path), network=None, nimg=None,
+                preset="", mode=mode, sigma_min=sched.get("sigma_min", schedules.SIGMA_MIN),
+                sigma_max=sched.get("sigma_max", schedules.SIGMA_MAX),
+                rho=sched.get("rho", schedules.RHO), sigma_data=sched.get("sigma_data", 0.5),
+                step=None, config=None)
+    net = build_net(_net_config(info, kw))
+    load_strict(net.model, path, "(diffusers folder)", what="checkpoint")
     return _ready(net, device), info
 
 

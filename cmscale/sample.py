@@ -11,9 +11,10 @@ abbreviation of its own ``--numa-binding`` and refuses to start.)
 
 ``CK`` is one of: a run directory (its newest complete checkpoint), a checkpoint directory
 ``RUN/checkpoints/nimg-*``, an export written by ``cmscale export`` (``.safetensors``/``.pt``
-with its ``.json`` beside it), or a public openai/consistency_models ``.pt`` (then ``--preset``
-names the UNet; it must load with strict=True). ``--ema`` picks the network of a run:
-an EMA name (``ema_0_9999``) or rate (``0.9999``), ``online`` or ``target``.
+with its ``.json`` beside it), a public openai/consistency_models ``.pt`` (then ``--preset``
+names the UNet; it must load with strict=True), or a diffusers folder (``unet/`` +
+``scheduler/``, e.g. written by ``cmscale export --format diffusers``). ``--ema`` picks the
+network of a run: an EMA name (``ema_0_9999``) or rate (``0.9999``), ``online`` or ``target``.
 
 Sampling (Song et al. 2023, Algorithm 1): one step ``clamp(f(sigma_max z, sigma_max))`` by default;
 ``--ts/--steps`` is the reference's multistep form (indices into a Karras grid), ``--sigmas`` an
@@ -219,8 +220,8 @@ def _assemble(out: str, num: int, world: int, shape: tuple, labels) -> str:
 
 def add_network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="run dir, RUN/checkpoints/nimg-* dir, export (.safetensors/.pt + .json) "
-                        "or reference .pt (with --preset)")
+                   help="run dir, RUN/checkpoints/nimg-* dir, export (.safetensors/.pt + .json), "
+                        "reference .pt (with --preset) or diffusers folder")
     p.add_argument("--ema", default="", help="network of a run: EMA name or rate (default: "
                    "the run's first EMA), 'online' or 'target'")
     p.add_argument("--preset", default=None, help="UNet preset of a reference .pt "
@@ -236,7 +237,10 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="cmscale sample", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="cmscale sample", description=__doc__.split("\n")[0],
+        epilog="example: cmscale sample --checkpoint runs/digits --num 64 --out samples/ "
+               "--ts 0,20,39 --steps 40", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_network_args(p)
     # --num-images too: torchrun's own parser takes "--num" for an abbreviation of its
     # --numa-binding and stops ("ambiguous option"), even after the script's name.

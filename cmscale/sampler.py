@@ -1,6 +1,6 @@
 """One sampler specification: what turns per-image noise into images, parsed in one place.
 
-Syntax (``eval.samplers``, ``tools/fid_report.py --sampler``; ``str`` gives it back):
+Syntax (``eval.samplers``, ``cmscale fid-report --sampler``; ``str`` gives it back):
 
 - ``onestep``: ``clamp(f(sigma_max z, sigma_max))`` (NFE 1);
 - ``ts=0,20,39/40``: the reference's multistep ``ts`` indices into a Karras grid of 40 points

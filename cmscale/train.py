@@ -18,7 +18,10 @@ from .training_loop import training_loop
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="cmscale train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="cmscale train", description=__doc__.split("\n")[0],
+        epilog="example: cmscale train --config configs/quickstart.yaml --run-dir runs/digits "
+               "train.total_steps=500", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults if omitted")
     p.add_argument("--run-dir", default=None,
                    help="run directory (default runs/<config name>); re-running resumes")

@@ -468,7 +468,11 @@ class Trainer:
                 rec = {"step": self.step, "nimg": nimg,
                        "loss": float(np.mean(finite_losses)) if finite_losses else float("nan"),
                        **logs, "lr": learning_rate(cfg, self.step - 1),
-                       "img_per_s": (self.step - n_last) * gb / max(dt, 1e-9)}
+                       "img_per_s": (self.step - n_last) * gb / max(dt, 1e-9),
+                       **parallel.device_memory(self.device)}
+                scale = self.backend.loss_scale()
+                if scale is not None:
+                    rec["loss_scale"] = scale
                 bad: dict = {}
                 for loader in self.loaders:
                     for k, v in loader.bad_input_counts.items():

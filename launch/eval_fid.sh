@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# FID of a run's checkpoints as SLURM jobs: tools/fid_report.py under srun, one rank per task
+# FID of a run's checkpoints as SLURM jobs: cmscale fid-report under srun, one rank per task
 # (the ranks split the images and all-reduce the feature statistics, so a FID does not depend
 # on the number of tasks). Results are cached per checkpoint x EMA x sampler in OUT/cache, so
 # a job only computes what is new: run it after every training job and it evaluates the new
 # checkpoints.
 #
-#   sbatch launch/eval_fid.sh RUN_DIR [RUN_DIR ...] --ref REF.npz [fid_report.py options]
+#   sbatch launch/eval_fid.sh RUN_DIR [RUN_DIR ...] --ref REF.npz [cmscale fid-report options]
 #       one job: computes what is missing, then writes OUT/report.csv, report.md, fid.png
 #   sbatch --dependency=afterany:TRAIN_JOB launch/eval_fid.sh RUN_DIR --ref REF.npz ...
 #       the same after a training job (afterany: also after a time limit or a requeue stop)
 #   jid=$(sbatch --parsable --array=0-7 launch/eval_fid.sh RUN_DIR --ref REF.npz ...)
 #   sbatch --dependency=afterany:$jid launch/fid_report.sh RUN_DIR --ref REF.npz ...
-#       a job array: array task i computes slice i/8 of the combinations (fid_report.py
+#       a job array: array task i computes slice i/8 of the combinations (cmscale fid-report
 #       --shard i/8, cache only); then the report job (launch/fid_report.sh, the same
 #       options) assembles the report from the cache and computes only what a failed
 #       array task left missing
 #
-# fid_report.py options (see its --help): --ref, --extractor inception|digits, --num, --ema,
+# cmscale fid-report options (see its --help): --ref, --extractor inception|digits, --num, --ema,
 # --sampler (repeatable), --every, --limit-checkpoints, --seed, --batch-size, --out.
 # The report job must get the same --num/--ema/--sampler/--seed/--extractor/--ref as the
 # array, or its cache keys differ and it computes everything again.
@@ -31,8 +31,8 @@
 #
 # Array tasks: slice (SLURM_ARRAY_TASK_ID - MIN) / STEP of SLURM_ARRAY_TASK_COUNT, so use a
 # plain range (--array=0-7, --array=1-8 or --array=0-14:2; a %N limit is fine), not a list.
-# Outside SLURM it runs fid_report.py as one process (torchrun works too, see that file).
-# Exit code: fid_report.py's (0; 2 bad input; 3 report rows missing with --no-compute).
+# Outside SLURM it runs cmscale fid-report as one process (torchrun works too, see that file).
+# Exit code: cmscale fid-report's (0; 2 bad input; 3 report rows missing with --no-compute).
 #SBATCH --job-name=eval_fid
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -45,7 +45,7 @@ set -euo pipefail
 
 # sbatch runs a copy of this file: the repository is found from the submit directory.
 root=${CMSCALE_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}
-[ -f "$root/tools/fid_report.py" ] || { echo "no $root/tools/fid_report.py: submit from the repository root or set CMSCALE_ROOT" >&2; exit 2; }
+[ -f "$root/cmscale/fid_report.py" ] || { echo "no $root/cmscale/fid_report.py: submit from the repository root or set CMSCALE_ROOT" >&2; exit 2; }
 root=$(cd "$root" && pwd)
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$root/launch/common.sh"  # functions only: cmscale_log, cmscale_first_host, cmscale_port
@@ -80,7 +80,7 @@ for arg in "$@"; do
     esac
 done
 if [ ${#runs[@]} -eq 0 ]; then
-    echo "usage: sbatch [--array=0-N] launch/eval_fid.sh RUN_DIR [RUN_DIR ...] --ref REF.npz [fid_report.py options]" >&2
+    echo "usage: sbatch [--array=0-N] launch/eval_fid.sh RUN_DIR [RUN_DIR ...] --ref REF.npz [cmscale fid-report options]" >&2
     exit 2
 fi
 for arg in "${runs[@]}"; do
@@ -92,7 +92,7 @@ if [ "$has_out" = 0 ]; then
     args+=(--out "${CMSCALE_FID_OUT:-${runs[0]%/}/fid}")
 fi
 if [ "$has_ref" = 0 ]; then
-    [ -n "${CMSCALE_FID_REF:-}" ] || { cmscale_log "no reference statistics: pass --ref REF.npz (tools/ref_stats.py) or set CMSCALE_FID_REF"; exit 2; }
+    [ -n "${CMSCALE_FID_REF:-}" ] || { cmscale_log "no reference statistics: pass --ref REF.npz (cmscale ref-stats) or set CMSCALE_FID_REF"; exit 2; }
     args+=(--ref "$CMSCALE_FID_REF")
 fi
 
@@ -140,7 +140,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
         cmd+=("${extra[@]}")
     fi
 fi
-cmd+=("$python" "$root/tools/fid_report.py" "${args[@]}")
+cmd+=("$python" -m cmscale.cli fid-report "${args[@]}")
 
 if [ "$mode" = report ]; then
     what="report"

@@ -12,7 +12,7 @@ Tests live in three folders, by what they start:
   ``-m "not dist"`` leaves them out.
 - ``tests/e2e/``: commands and scripts end to end as a user runs them: the launch scripts
   (``tests/e2e/test_launch.py``; on a real SLURM ``test_slurm.py``, marked ``slurm``), the
-  ``cmscale sample`` / ``cmscale edit`` CLIs, ``tools/fid_report.py`` and the quality benchmark.
+  ``cmscale sample`` / ``cmscale edit`` CLIs, ``cmscale fid-report`` and the quality benchmark.
 
 Helpers are not tests: they live in the package ``tests/support/`` (``REPO``, ``FIXTURES``, rank
 launching, the index-image shards, the shared tiny training run), which test modules import;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command set-up for a fresh machine (Debian/Ubuntu, Python >= 3.10, CPU is enough).
 #
-#   bash tools/dev.sh quickstart   # venv in .venv, install, train the quickstart on CPU
+#   bash tools/dev.sh quickstart   # venv, install, EDM teacher -> one-step CD model, comparison
+#   bash tools/dev.sh quickstart-ict   # venv, install, iCT from scratch (configs/quickstart.yaml)
 #   bash tools/dev.sh test         # venv in .venv, install, run the test suite
 #   bash tools/dev.sh install      # only the venv and the install
 #
@@ -22,7 +23,7 @@ install() {
     if ! "$venv/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
         "$venv/bin/pip" install --quiet "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
     fi
-    "$venv/bin/pip" install --quiet -e ".[dev]"
+    "$venv/bin/pip" install --quiet -e ".[${1:-dev}]"
 }
 
 # What the test suite needs from the system: shellcheck (the launch scripts' lint) and a real
@@ -48,9 +49,23 @@ case "$cmd" in
         install
         ;;
     quickstart)
-        install
+        # The point of consistency models in one picture: an EDM teacher (a many-step
+        # diffusion model), distilled (CD) into a one-step generator; runs/quickstart/compare/
+        # compare.png shows both with their Frechet distances. Re-running resumes each stage.
+        install data
+        run=${RUN_DIR:-runs/quickstart}
+        cm=("$venv/bin/python" -m cmscale.cli)
+        "${cm[@]}" train --config configs/quickstart_teacher.yaml --run-dir "$run/teacher" "$@"
+        "${cm[@]}" export "$run/teacher" --out "$run/teacher.safetensors"
+        "${cm[@]}" train --config configs/quickstart_cd.yaml --run-dir "$run/cd" \
+            "loss.teacher=$run/teacher.safetensors" "$@"
+        exec "${cm[@]}" compare --teacher "$run/teacher" --checkpoint "$run/cd" \
+            --out "$run/compare"
+        ;;
+    quickstart-ict)
+        install data
         exec "$venv/bin/python" -m cmscale.train --config configs/quickstart.yaml \
-            --run-dir "${RUN_DIR:-runs/quickstart}" "$@"
+            --run-dir "${RUN_DIR:-runs/quickstart-ict}" "$@"
         ;;
     test)
         install
@@ -59,7 +74,7 @@ case "$cmd" in
         exec "$venv/bin/python" -m pytest "$@"
         ;;
     *)
-        echo "usage: bash tools/dev.sh {quickstart|test|install} [args...]" >&2
+        echo "usage: bash tools/dev.sh {quickstart|quickstart-ict|test|install} [args...]" >&2
         exit 2
         ;;
 esac

@@ -2,7 +2,7 @@
 
 - `build_loader(shards, *, batch_size_per_rank, rank, world_size, seed, num_workers, start_images, ...)`
   (`cmscale.data.loader`): the training loader; the order it streams is `cmscale.data.order`.
-- `make_shards(source, out_dir, resolution, ...)` (`cmscale.data.shards`, CLI tools/make_shards.py).
+- `make_shards(source, out_dir, resolution, ...)` (`cmscale.data.shards`, CLI cmscale make-shards).
 - `ensure_embedded_shards(name, cache_dir, resolution)` (`cmscale.data.embedded`): sklearn digits
   or LFW faces as shards, for the quickstart and tests.
 - `index_shards(spec)` (`cmscale.data.shardlist`): a manifest for shards packed by other tools.

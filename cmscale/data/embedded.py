@@ -1,4 +1,4 @@
-"""Embedded datasets as shards, built once into a cache by the same code path as tools/make_shards.py.
+"""Embedded datasets as shards, built once into a cache by the same code path as cmscale make-shards.
 
     shard_dir = ensure_embedded_shards("sklearn:digits", resolution=16)
     loader = build_loader(shard_dir, batch_size_per_rank=64, class_cond=True)

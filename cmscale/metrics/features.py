@@ -421,8 +421,8 @@ def find_inception(path: str | None = None, download: bool = False) -> str:
         f"  {INCEPTION_URL}\n"
         f"on a machine with internet access, and put it at {os.path.join(default_cache_dir(), INCEPTION_FILE)} "
         f"(or /tmp/{INCEPTION_FILE}, clean-fid's default), or set CMSCALE_INCEPTION=/path/to/{INCEPTION_FILE}, "
-        f"or pass path=... (tools/ref_stats.py: --inception PATH). Where the network allows, download=True "
-        f"(tools/ref_stats.py: --download) fetches it with clean-fid's helper. Offline, the digits "
+        f"or pass path=... (cmscale ref-stats --inception PATH). Where the network allows, download=True "
+        f"(cmscale ref-stats --download) fetches it with clean-fid's helper. Offline, the digits "
         f"extractor (--extractor digits) gives a Frechet distance comparable only with itself.")
 
 

@@ -1,6 +1,6 @@
 """Reference statistics of a real image set: image folders, reference batch .npz, WebDataset shards.
 
-Used by ``tools/ref_stats.py`` (the command) and by periodic evaluation in training, which makes
+Used by ``cmscale ref-stats`` (the command) and by periodic evaluation in training, which makes
 the statistics of the embedded datasets itself (:func:`embedded_stats`). Under a process group
 the ranks split the images (image i to rank i % W); the result does not depend on W.
 """

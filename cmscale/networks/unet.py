@@ -460,9 +460,10 @@ def time_blind_blocks(net: nn.Module) -> list[str]:
 def create_unet(preset: str | Mapping[str, Any] | None = None, **overrides: Any) -> UNet:
     """Build a UNet from a preset name in PRESETS and/or keyword arguments.
 
-    `create_unet("imagenet64")`, `create_unet("lsun256", dropout=0.1)`, `create_unet({...})`.
+    `create_unet("imagenet64")`, `create_unet("lsun256", dropout=0.1)`, `create_unet({...})`;
+    an empty name means keyword arguments only (a diffusers folder's UNet).
     """
-    if isinstance(preset, str):
+    if isinstance(preset, str) and preset:
         if preset not in PRESETS:
             raise KeyError(f"unknown UNet preset {preset!r}; known: {sorted(PRESETS)}")
         kwargs = dict(PRESETS[preset])

@@ -390,8 +390,8 @@ def _fid_script(tmp_path: Path, script: str, *args, **env_extra) -> subprocess.C
 def _fid_argv(out: subprocess.CompletedProcess) -> list[str]:
     assert out.returncode == 0, out.stderr
     argv = out.stdout.splitlines()
-    assert argv[0] == str(ROOT / "tools" / "fid_report.py")
-    return argv[1:]
+    assert argv[:3] == ["-m", "cmscale.cli", "fid-report"]
+    return argv[3:]
 
 
 def test_eval_fid_arguments(tmp_path):

@@ -153,9 +153,11 @@ def test_cli_writes_shards_and_prints_a_summary(tmp_path):
     assert "converted 1 (cmyk: 1)" in r.stdout and "skipped   1 (corrupt_image: 1)" in r.stdout
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [s["name"] for s in m["shards"]] == ["data-000000.tar", "data-000001.tar"]
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), str(src), str(tmp_path / "out2"),
-                        "--resolution", "32", "--bad-input", "raise"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "make_shards: error:" in r.stderr
+    # the subcommand with --out (the tools/ script above is its wrapper)
+    r = subprocess.run([sys.executable, "-m", "cmscale.cli", "make-shards", str(src), "--out",
+                        str(tmp_path / "out2"), "--resolution", "32", "--bad-input", "raise"],
+                       capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    assert r.returncode == 1 and "make-shards: error:" in r.stderr
 
 
 @pytest.mark.parametrize("name,resolution,n,classes", [("sklearn:digits", 16, 1797, 10), ("skimage:lfw", 32, 100, None)])

@@ -187,8 +187,8 @@ def test_convert_tool_loads_strictly_and_converts(tmp_path):
     src = tmp_path / "ref.pt"
     torch.save(data["state_dict"], src)
 
-    tool.main([str(src), str(tmp_path / "out.safetensors"), "--preset", "tiny32_cond",
-               "--src-layout", "legacy", "--dtype", "float32"])
+    assert tool.main([str(src), str(tmp_path / "out.safetensors"), "--preset", "tiny32_cond",
+                      "--src-layout", "legacy", "--dtype", "float32"]) == 0
     from safetensors.torch import load_file
 
     out = load_file(str(tmp_path / "out.safetensors"))
@@ -196,8 +196,8 @@ def test_convert_tool_loads_strictly_and_converts(tmp_path):
     assert out.keys() == expected.keys()
     assert all(torch.equal(out[k], expected[k].float()) for k in out)
 
-    with pytest.raises(RuntimeError):  # wrong architecture: strict loading refuses it
-        tool.main([str(src), str(tmp_path / "bad.pt"), "--preset", "tiny16"])
+    # wrong architecture: strict loading refuses it, exit code 2
+    assert tool.main([str(src), str(tmp_path / "bad.pt"), "--preset", "tiny16"]) == 2
 
 
 # Every preset at a small image size (the architecture per block is the preset's; only the

@@ -1,0 +1,35 @@
+"""What a user watches on a long run is in TensorBoard: loss, lr, N, mu, images/s, the fp16
+loss scale, memory, the FID of every evaluation sampler and the sample grids."""
+
+import subprocess
+import sys
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests import support
+from tests.support.launch import clean_env
+
+ROOT = str(support.REPO)
+
+
+def test_event_file_has_the_scalars_and_grids_of_a_run(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cmscale.train", "--run-dir", str(run),
+           "data.shards=embedded:sklearn:digits", "data.resolution=16", "net.preset=tiny16",
+           "loss.mode=ct", "train.total_steps=4", "train.global_batch=8", "data.num_workers=0",
+           "train.precision=fp16", "log.every_steps=2", "log.progress_bar=false",
+           "log.tensorboard=true", "sample.num_grid=4", "eval.every_images=16",
+           "eval.extractor=digits", "eval.num_images=16", "eval.batch_size=16"]
+    r = subprocess.run(cmd, env=clean_env(CMSCALE_CACHE=str(tmp_path / "cache")), cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    wanted = {"loss", "lr", "N", "mu", "img_per_s", "loss_scale", "memory/peak_rss_gib",
+              "fid/onestep", "fid/ts=0,20,39/40"}
+    assert wanted <= scalars, sorted(scalars)
+    assert [e.step for e in events.Scalars("loss")] == [2, 4]
+    assert [e.step for e in events.Scalars("fid/onestep")] == [2, 4]  # every 16 images, end
+    assert events.Scalars("loss_scale")[0].value == 2.0**20
+    assert "samples/onestep_multistep" in events.Tags()["images"]
