@@ -11,6 +11,7 @@ lr, N(k) and mu(k) mean the same at any world size; images seen = steps x global
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,7 @@ class NetConfig:
 
 @dataclass
 class LossConfig:
-    mode: str = "ct"                         # edm | cd | ct | ict
+    mode: str = "ct"                         # edm | cd | ct | ict | sct | scd
     metric: str = "l2"                       # l2 | l1 | lpips | pseudo_huber
     lpips_weights: str = ""                  # local VGG16 file (else the torch hub cache)
     # CT curriculum (reference "progressive" N, "adaptive" target EMA)
@@ -60,17 +61,23 @@ class LossConfig:
     # CD: fixed N and target EMA; teacher checkpoint (ours or a reference .pt)
     num_scales: int = 40
     target_ema: float = 0.95
-    teacher: str = ""                        # path to teacher weights (cd)
+    teacher: str = ""                        # path to teacher weights (cd, scd)
     teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
     teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
     solver: str = "heun"                     # heun | euler (cd)
-    init_from_teacher: bool = False          # cd: start the student (target, EMAs) from the
-                                             # teacher's weights, as the reference does
+    init_from_teacher: bool = False          # cd, sct, scd: start the student (target, EMAs)
+                                             # from the teacher's weights, as the reference does
     # iCT
     ict_s0: int = 10
     ict_s1: int = 1280
     p_mean: float = -1.1
     p_std: float = 2.0
+    # sCT / sCD (TrigFlow, continuous time); defaults: the paper's ImageNet 64 values
+    scm_p_mean: float = -0.8                 # training times tan t = exp(tau) / sigma_data,
+    scm_p_std: float = 1.6                   # tau ~ N(scm_p_mean, scm_p_std^2)
+    tangent_warmup: int = 10000              # H: tangent warm-up r = min(1, step / H); 0 = off
+    tangent_norm: float = 0.1                # c: tangent normalised as g / (||g|| + c)
+    adaptive_weight: bool = True             # learned log-weight w(t): exp(-w) loss + w
 
 
 @dataclass
@@ -120,6 +127,8 @@ class SampleConfig:
     ema: str = ""                            # which average to sample ("" = first EMA)
     ts: list = field(default_factory=lambda: [0, 20, 39])  # two-step setting, reference form
     steps: int = 40
+    trig_times: list = field(default_factory=lambda: [1.1])  # sct/scd: TrigFlow times after
+                                             # pi/2 of the multistep sampler (paper: 1.1)
     num_grid: int = 64
     seed: int = 0
 
@@ -241,7 +250,7 @@ def _set_dotted(cfg: Config, item: str) -> None:
 
 
 CHOICES = {
-    "loss.mode": ("edm", "cd", "ct", "ict"),
+    "loss.mode": ("edm", "cd", "ct", "ict", "sct", "scd"),
     "loss.metric": ("l2", "l1", "lpips", "pseudo_huber"),
     "loss.solver": ("heun", "euler"),
     "optim.name": ("radam", "adam", "adamw"),
@@ -276,6 +285,9 @@ def validate(cfg: Config) -> Config:
         ("loss.start_ema", 0 < cfg.loss.start_ema < 1, "must be in (0, 1)"),
         ("loss.target_ema", 0 <= cfg.loss.target_ema < 1, "must be in [0, 1)"),
         ("loss.num_scales", cfg.loss.num_scales >= 2, "must be >= 2"),
+        ("loss.scm_p_std", cfg.loss.scm_p_std > 0, "must be > 0"),
+        ("loss.tangent_warmup", cfg.loss.tangent_warmup >= 0, "must be >= 0"),
+        ("loss.tangent_norm", cfg.loss.tangent_norm >= 0, "must be >= 0"),
         ("ema.rates", all(0 < float(r) < 1 for r in cfg.ema.rates), "each in (0, 1)"),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, "must be >= 1"),
         ("checkpoint.every_images", cfg.checkpoint.every_images >= 0, "must be >= 0"),
@@ -289,8 +301,15 @@ def validate(cfg: Config) -> Config:
         if not ok:
             section, name = key.split(".")
             raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r}: {why}")
-    if cfg.loss.mode == "cd" and not cfg.loss.teacher:
-        raise ConfigError("loss.teacher: CD needs a teacher checkpoint (loss.teacher=PATH)")
+    if cfg.loss.mode in ("cd", "scd") and not cfg.loss.teacher:
+        raise ConfigError(f"loss.teacher: {cfg.loss.mode} needs a teacher checkpoint "
+                          f"(loss.teacher=PATH)")
+    if cfg.loss.init_from_teacher and not cfg.loss.teacher:
+        raise ConfigError("loss.init_from_teacher: needs loss.teacher=PATH")
+    times = [float(t) for t in cfg.sample.trig_times]
+    if any(not 0 < t < math.pi / 2 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+        raise ConfigError(f"sample.trig_times={cfg.sample.trig_times}: decreasing times in "
+                          f"(0, pi/2)")
     if cfg.train.backend == "deepspeed" and cfg.train.zero_stage == 0:
         raise ConfigError("train.zero_stage: the deepspeed backend needs a ZeRO stage 1, 2 or 3")
     ts = [int(t) for t in cfg.sample.ts]

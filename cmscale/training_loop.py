@@ -1,4 +1,4 @@
-"""The one training loop: EDM teachers, CD, CT and iCT; DDP or DeepSpeed; any world size.
+"""The one training loop: EDM teachers, CD, CT, iCT, sCT and sCD; DDP or DeepSpeed; any world size.
 
 ``training_loop(cfg, run_dir)`` trains or resumes and returns the exit code: 0 finished,
 ``EXIT_NONFINITE`` (65) after ``train.max_nonfinite_steps`` skipped steps in a row (no
@@ -332,7 +332,7 @@ class Trainer:
             with self.backend.micro_batch(m, len(batches)):
                 with self.backend.autocast():
                     loss = self.method.loss(self.backend.wrapped, self.loss_target, images,
-                                            labels, N).mean() / len(batches)
+                                            labels, N, self.step).mean() / len(batches)
                 self.backend.backward(loss)
             total += loss.detach()
         mean_loss = dist.all_reduce_mean(total)

@@ -15,8 +15,10 @@ from .cd import CD
 from .ct import CT
 from .edm import EDM
 from .ict import ICT
+from .scm import SCD, SCT
 
-METHODS: dict[str, type[Method]] = {"edm": EDM, "cd": CD, "ct": CT, "ict": ICT}
+METHODS: dict[str, type[Method]] = {"edm": EDM, "cd": CD, "ct": CT, "ict": ICT, "sct": SCT,
+                                    "scd": SCD}
 
 
 def build_method(cfg: Config, device) -> Method:

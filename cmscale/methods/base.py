@@ -2,7 +2,7 @@
 
 ``schedule(step)`` gives ``(N, mu)``: the number of grid points and the target EMA rate at
 that step (``(None, None)`` for a method without either). ``loss(net, target, images, labels,
-N)`` returns per-example losses of one micro-batch (no reduction, no distributed calls): ``net``
+N, step)`` returns per-example losses of one micro-batch (no reduction, no distributed calls): ``net``
 is what the forward goes through, ``target`` the network the loss takes its target from (the
 EMA target when ``needs_target``, else the online network; EDM ignores it). After an applied
 step the trainer moves the EMA target: ``target <- mu * target + (1 - mu) * net``.
@@ -28,7 +28,7 @@ class Method:
     def schedule(self, step: int) -> tuple[int | None, float | None]:
         return None, None
 
-    def loss(self, net, target, images, labels, num_scales):
+    def loss(self, net, target, images, labels, num_scales, step: int = 0):
         return self.loss_fn(net, images, num_scales=num_scales, class_labels=labels,
                             target=target)
 
