@@ -63,14 +63,21 @@ def test_dry_run_prints_config_and_size(tmp_path, cache):
     assert "parameters:" in r.stdout and "mode: ct" in r.stdout
 
 
-def test_kill_9_then_resume_is_bit_identical(tmp_path, cache):
+# The discrete methods' representative (CT, EMA target) and continuous-time sCT (stop-gradient
+# target, JVP tangent, learned weighting in the network; a warm-up that spans the resume).
+METHOD_RUNS = pytest.mark.parametrize("method", [(), ("loss.mode=sct", "loss.tangent_warmup=4")],
+                                      ids=["ct", "sct"])
+
+
+@METHOD_RUNS
+def test_kill_9_then_resume_is_bit_identical(tmp_path, cache, method):
     straight = tmp_path / "straight"
-    r = train(straight, cache)
+    r = train(straight, cache, *method)
     assert r.returncode == 0, r.stdout
     assert (straight / "samples").is_dir() and list((straight / "samples").iterdir())
 
     killed = tmp_path / "killed"
-    p = train(killed, cache, background=True)
+    p = train(killed, cache, *method, background=True)
     deadline = time.time() + 300
     while time.time() < deadline and not checkpoint.latest_checkpoint(killed, warn=False):
         time.sleep(0.02)
@@ -78,7 +85,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache):
     p.wait()
     done = checkpoint.latest_checkpoint(killed, warn=False)
     assert done is not None and done.nimg == 24, "no checkpoint was written before the kill"
-    r = train(killed, cache)
+    r = train(killed, cache, *method)
     assert r.returncode == 0, r.stdout
     assert "resumed from" in r.stdout
 
@@ -93,7 +100,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cache):
         assert la[step] == lb[step]
 
     # a re-submitted finished run ends cleanly without training, or loading the checkpoint
-    r = train(killed, cache)
+    r = train(killed, cache, *method)
     assert r.returncode == 0 and "already finished" in r.stdout
     assert "resumed from" not in r.stdout, r.stdout
 
@@ -171,11 +178,12 @@ def test_signal_to_two_process_run_checkpoints_and_exits_75(tmp_path, cache):
 
 
 @pytest.mark.dist
-def test_two_ranks_ddp_match_one_process_with_the_same_global_batch(tmp_path, cache):
+@METHOD_RUNS
+def test_two_ranks_ddp_match_one_process_with_the_same_global_batch(tmp_path, cache, method):
     # data.streams and train.micro_batch fixed: both runs see the same global batches and draw
     # the same noise per sample; one process accumulates 2 micro-batches, two ranks average.
     common = ["train.total_steps=3", "checkpoint.every_images=0", "data.streams=2",
-              "train.micro_batch=4"]
+              "train.micro_batch=4", *method]
     one = tmp_path / "one"
     r = train(one, cache, *common)
     assert r.returncode == 0, r.stdout

@@ -14,13 +14,17 @@ TINY = [
 
 
 def final_state(run_dir):
-    """Weights, optimizer-free: model + target + EMAs of the newest checkpoint, as tensors."""
+    """Weights, optimizer-free: model + target (if any) + EMAs of the newest checkpoint."""
     from torch.distributed.checkpoint import FileSystemReader  # noqa: F401 (DCP present)
 
+    from cmscale.config import load_config
+    from cmscale.methods import METHODS
     from cmscale.runs import load_run
 
+    mode = load_config(os.path.join(run_dir, "config.yaml")).loss.mode
+    target = ("target",) if METHODS[mode].needs_target else ()  # iCT, sCT: the online net
     nets = {}
-    for which in ("online", "target", "ema_0_9", "ema_0_99"):
+    for which in ("online", *target, "ema_0_9", "ema_0_99"):
         net, meta = load_run(str(run_dir), which)
         nets[which] = {k: v.clone() for k, v in net.state_dict().items()}
     return nets, meta
