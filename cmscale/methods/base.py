@@ -21,6 +21,7 @@ from ..sampler import Sampler
 class Method:
     precond: type[nn.Module] = ConsistencyPrecond  # what wraps the UNet: c_skip, c_out, c_in
     needs_target = False  # an EMA target network (cmscale.ema.ShardedTarget) moved by mu(k)
+    forward_mode_target = False  # the loss runs forward-mode AD (a JVP) through its target
 
     def __init__(self, cfg: Config, loss_fn):
         self.cfg, self.loss_fn = cfg, loss_fn

@@ -38,6 +38,7 @@ class SCT(Method):
     """sCT: dx_t/dt = cos t z - sin t x0 from the training pair itself."""
 
     precond = TrigFlowPrecond
+    forward_mode_target = True
     uses_teacher = False
 
     def __init__(self, cfg: Config, device):
