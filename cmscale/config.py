@@ -47,6 +47,9 @@ class NetConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    # sct/scd: the UNet's time input, log_sigma (EDM's 250 ln(sigma_d tan t): EDM teachers and
+    # reference weights fit) or t (the paper's c_noise(t) = t, as 1000 t / (pi/2))
+    time_input: str = "log_sigma"
 
 
 @dataclass
@@ -253,6 +256,7 @@ CHOICES = {
     "loss.mode": ("edm", "cd", "ct", "ict", "sct", "scd"),
     "loss.metric": ("l2", "l1", "lpips", "pseudo_huber"),
     "loss.solver": ("heun", "euler"),
+    "net.time_input": ("log_sigma", "t"),
     "optim.name": ("radam", "adam", "adamw"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("ddp", "deepspeed"),
@@ -306,6 +310,10 @@ def validate(cfg: Config) -> Config:
                           f"(loss.teacher=PATH)")
     if cfg.loss.init_from_teacher and not cfg.loss.teacher:
         raise ConfigError("loss.init_from_teacher: needs loss.teacher=PATH")
+    if (cfg.loss.mode in ("sct", "scd") and cfg.loss.init_from_teacher
+            and cfg.net.time_input != "log_sigma"):
+        raise ConfigError("net.time_input=t: an EDM teacher's weights expect log_sigma; "
+                          "drop loss.init_from_teacher or keep net.time_input=log_sigma")
     times = [float(t) for t in cfg.sample.trig_times]
     if any(not 0 < t < math.pi / 2 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
         raise ConfigError(f"sample.trig_times={cfg.sample.trig_times}: decreasing times in "

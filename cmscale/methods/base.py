@@ -23,6 +23,11 @@ class Method:
     needs_target = False  # an EMA target network (cmscale.ema.ShardedTarget) moved by mu(k)
     forward_mode_target = False  # the loss runs forward-mode AD (a JVP) through its target
 
+    @classmethod
+    def precond_kwargs(cls, cfg: Config) -> dict:
+        """Options of ``precond`` from the config, beyond sigma_data/min/max."""
+        return {}
+
     def __init__(self, cfg: Config, loss_fn):
         self.cfg, self.loss_fn = cfg, loss_fn
 

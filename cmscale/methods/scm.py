@@ -41,6 +41,10 @@ class SCT(Method):
     forward_mode_target = True
     uses_teacher = False
 
+    @classmethod
+    def precond_kwargs(cls, cfg: Config) -> dict:
+        return {"time_input": cfg.net.time_input}
+
     def __init__(self, cfg: Config, device):
         super().__init__(cfg, None)  # built in prepare(), after the teacher (sCD) is loaded
         self.device = device

@@ -162,11 +162,13 @@ class TrigFlowPrecond(nn.Module):
     """TrigFlow consistency function ``f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d,
     c_noise(t))`` (Lu & Song 2025, eq. 6), with its learned weighting ``w_phi(t)``.
 
-    The network's time input is EDM's ``c_noise(sigma) = 250 ln(sigma)`` at ``sigma = sigma_d
-    tan(t)``, held at ``sigma_max`` beyond it: the UNet presets, EDM teachers and public
-    checkpoints keep their time embedding, and t = pi/2 (one-step sampling) is finite. In the
-    tangent of the rearranged JVP the time moves by ``cos t sin t``, i.e. c_noise by the
-    constant 250 (d ln tan t / dt = 1 / (sin t cos t)).
+    The network's time input (``time_input``): ``"log_sigma"`` (default) is EDM's
+    ``c_noise(sigma) = 250 ln(sigma)`` at ``sigma = sigma_d tan(t)``, held at ``sigma_max``
+    beyond it: the UNet presets, EDM teachers and public checkpoints keep their time embedding,
+    and t = pi/2 (one-step sampling) is finite; in the tangent of the rearranged JVP the time
+    moves by ``cos t sin t``, i.e. c_noise by the constant 250 (d ln tan t / dt = 1 / (sin t
+    cos t)). ``"t"`` is the paper's ``c_noise(t) = t``, scaled to DDPM's range [0, 1000]
+    (``1000 t / (pi/2)``) for the UNet's positional embedding; it does not fit EDM weights.
 
     Calls:
     - ``net(x, sigma, labels)``: the consistency function in EDM's variables, like every
@@ -179,11 +181,16 @@ class TrigFlowPrecond(nn.Module):
     (:func:`negate_output_layer`), ``net(x, sigma)`` is that EDM denoiser D(x, sigma).
     """
 
+    TIME_INPUTS = ("log_sigma", "t")
+
     def __init__(self, model: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0):
+                 sigma_max: float = 80.0, time_input: str = "log_sigma"):
         super().__init__()
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if time_input not in self.TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {self.TIME_INPUTS}, got {time_input!r}")
+        self.time_input = time_input
         self.model = model
         self.sigma_data = float(sigma_data)
         self.sigma_min = float(sigma_min)
@@ -196,11 +203,17 @@ class TrigFlowPrecond(nn.Module):
         t = t.clamp(0.0, self.t_max)
         return torch.log(self.sigma_data * torch.tan(t) + 1e-44)
 
+    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's time input (see ``time_input``)."""
+        if self.time_input == "t":
+            return t.clamp(0.0, math.pi / 2) * (2000.0 / math.pi)
+        return 250.0 * self.log_sigma(t)
+
     def raw(self, x_t: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         """``F(x_t / sigma_d, c_noise(t))`` in the skip connection's precision."""
         t = _as_sigma(t, x_t)
-        F = self.model((x_t.to(t.dtype) / self.sigma_data).to(x_t.dtype),
-                       250.0 * self.log_sigma(t), class_labels)
+        F = self.model((x_t.to(t.dtype) / self.sigma_data).to(x_t.dtype), self.c_noise(t),
+                       class_labels)
         return F.to(t.dtype)
 
     def trig(self, x_t: torch.Tensor, t, class_labels=None) -> torch.Tensor:

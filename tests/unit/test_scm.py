@@ -319,3 +319,29 @@ def test_trig_sampling_is_f_of_sigma_d_z_at_pi_half_then_renoised():
     with torch.no_grad():
         expect2 = net(x, torch.full((3,), 1.1), trigflow=True).clamp(-1, 1)
     torch.testing.assert_close(two, expect2, rtol=0, atol=0)
+
+
+def test_time_input_t_feeds_the_scaled_trigflow_time():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        out = torch.nn.Sequential(torch.nn.Identity())
+
+        def forward(self, x, noise_labels, class_labels=None):
+            seen.append(noise_labels.clone())
+            return torch.zeros_like(x)
+
+    t = torch.tensor([0.0, 0.5, math.pi / 2])
+    TrigFlowPrecond(Probe(), time_input="t").raw(torch.zeros(3, 2), t)
+    TrigFlowPrecond(Probe()).raw(torch.zeros(3, 2), t)
+    torch.testing.assert_close(seen[0], t * 2000 / math.pi)
+    sigma = (SD * torch.tan(t.clamp(max=math.atan(80 / SD)))).double()
+    # (t = 0: 1e-44 is a float32 denormal; only finiteness matters there)
+    torch.testing.assert_close(seen[1][1:].double(), 250 * torch.log(sigma[1:]), rtol=1e-6,
+                               atol=1e-3)
+    assert torch.isfinite(seen[1]).all()
+    cfg = load_config(None, ["loss.mode=sct", "net.time_input=t"])
+    assert build_net(cfg).time_input == "t"
+    with pytest.raises(ConfigError, match="time_input"):
+        load_config(None, ["loss.mode=scd", "loss.teacher=x.pt", "loss.init_from_teacher=true",
+                           "net.time_input=t"])
