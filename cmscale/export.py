@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     meta = {"preset": cfg.net.preset, "net_overrides": cfg.net.overrides,
             "mode": cfg.loss.mode, "network": info["network"], "nimg": info["nimg"],
             "step": info["step"], "sigma_data": cfg.net.sigma_data,
-            "sigma_min": cfg.net.sigma_min, "sigma_max": cfg.net.sigma_max}
+            "sigma_min": cfg.net.sigma_min, "sigma_max": cfg.net.sigma_max,
+            "time_input": cfg.net.time_input}
     save_state_dict(net.model.state_dict(), out, metadata=meta)
     with open(out + ".json", "w") as f:
         json.dump({"export": meta, "config": cfg.to_dict()}, f, indent=2, default=list)

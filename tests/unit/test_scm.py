@@ -345,3 +345,13 @@ def test_time_input_t_feeds_the_scaled_trigflow_time():
     with pytest.raises(ConfigError, match="time_input"):
         load_config(None, ["loss.mode=scd", "loss.teacher=x.pt", "loss.init_from_teacher=true",
                            "net.time_input=t"])
+
+
+def test_trig_sampling_through_cmscale_sample_fixed_shape_wrapper():
+    from cmscale.sample import FixedShapeNet
+
+    net = TrigFlowPrecond(_unet()).eval()
+    s = Sampler.parse("trig=max,1.1")
+    direct = s.run(net, PerImageNoise(3, range(3), (3, 16, 16)))
+    wrapped = s.run(FixedShapeNet(net, 2), PerImageNoise(3, range(3), (3, 16, 16)))
+    torch.testing.assert_close(wrapped, direct, rtol=1e-5, atol=1e-6)
