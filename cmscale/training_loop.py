@@ -509,8 +509,8 @@ class Trainer:
             path = os.path.join(self.run_dir, "samples", f"grid-{nimg:012d}.png")
             save_png(grid.permute(1, 2, 0).numpy(), path, min_side=512)
             log.image("samples/onestep_multistep", grid, self.step)
-            dist.print0(f"samples (left: 1 step, right: {len(self.cfg.sample.ts) - 1} steps): "
-                        f"{path}")
+            panels = ", ".join(str(p) for p in self.method.preview())
+            dist.print0(f"samples (left to right: {panels}): {path}")
         dist.barrier()
 
 
