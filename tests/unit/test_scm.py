@@ -355,3 +355,11 @@ def test_trig_sampling_through_cmscale_sample_fixed_shape_wrapper():
     direct = s.run(net, PerImageNoise(3, range(3), (3, 16, 16)))
     wrapped = s.run(FixedShapeNet(net, 2), PerImageNoise(3, range(3), (3, 16, 16)))
     torch.testing.assert_close(wrapped, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_periodic_fid_accepts_trig_samplers_only_for_trigflow_runs():
+    ok = load_config(None, ["loss.mode=sct", "eval.every_images=64",
+                            "eval.samplers=[trig=max,'trig=max,1.1']"])
+    assert [Sampler.parse(t).nfe for t in ok.eval.samplers] == [1, 2]
+    with pytest.raises(ConfigError, match="eval.samplers"):
+        load_config(None, ["loss.mode=ct", "eval.every_images=64", "eval.samplers=[trig=max]"])
