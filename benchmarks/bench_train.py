@@ -1,6 +1,6 @@
 """Training step cost: throughput, overhead over bare network compute, EMA memory per rank.
 
-    python benchmarks/bench_train.py [--steps 10] [--models quickstart,lsun_small]
+    python benchmarks/bench_train.py [--steps 10] [--models quickstart,lsun_small] [--sct]
 
 For each model it prints:
 - images/s of the trainer's full step (``Trainer.train_step``: online forward+backward,
@@ -10,6 +10,10 @@ For each model it prints:
 - bytes per rank held by the target network and the evaluation EMAs at 1, 2 and 8 ranks
   between steps (both are sharded 1/W; during a step the target is gathered whole once,
   see cmscale/ema.py ShardedTarget).
+
+With ``--sct``, instead: the sCT step (online forward+backward, one JVP of the stop-gradient
+network, learned weighting) against the CT step (online forward+backward, target forward)
+on the same network and batch, timed alternately: the ratio sCT / CT is the JVP's cost.
 
 Single process, CPU (or the current GPU); timings are medians over ``--steps`` after warm-up,
 figures are ratios measured in one run.
@@ -88,13 +92,32 @@ def bench(name: str, overrides: list[str], steps: int):
               f"{(target_bytes + ema_bytes) / 2**20:7.2f} MiB")
 
 
+def bench_sct(name: str, overrides: list[str], steps: int):
+    """sCT step time / CT step time of the trainer on the same network, batch and data."""
+    common = ["log.tensorboard=false", "log.progress_bar=false", *overrides]
+    ct = Trainer(load_config(None, ["loss.mode=ct", "loss.metric=l2", *common]),
+                 run_dir="/tmp/cmscale-bench-unused")
+    sct = Trainer(load_config(None, ["loss.mode=sct", *common]),
+                  run_dir="/tmp/cmscale-bench-unused")
+    res, b = ct.cfg.data.resolution, ct.cfg.train.global_batch
+    images = torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batches = [(images, None)]
+    t_sct, t_ct = timed_pair(lambda: sct.train_step(batches), lambda: ct.train_step(batches),
+                             steps)
+    params = sum(p.numel() for p in ct.net.parameters())
+    print(f"{name}: {params:,} parameters, batch {b} at {res}px")
+    print(f"  CT step   {t_ct * 1e3:9.1f} ms")
+    print(f"  sCT step  {t_sct * 1e3:9.1f} ms   sCT / CT = {t_sct / t_ct:.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--sct", action="store_true", help="sCT / CT step time instead")
     args = p.parse_args()
     for name in args.models.split(","):
-        bench(name, MODELS[name], args.steps)
+        (bench_sct if args.sct else bench)(name, MODELS[name], args.steps)
 
 
 if __name__ == "__main__":

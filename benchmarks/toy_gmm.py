@@ -1,7 +1,8 @@
-"""2-D Gaussian mixture: CD (exact teacher), CT and iCT against the exact probability-flow map.
+"""2-D Gaussian mixture: CD, CT, iCT, sCT, sCD against the exact probability-flow map.
 
-    python benchmarks/toy_gmm.py [--steps 3000] [--methods cd,ct,ict] [--seed 0]
+    python benchmarks/toy_gmm.py [--steps 3000] [--methods cd,ct,ict,sct,scd] [--seed 0]
 
+CD and sCD learn from the exact teacher (the closed-form denoiser).
 Trains a small MLP consistency function per method on CPU and prints, for each:
 - map_err: mean |f(x_T, T) - Phi(x_T)| over 2000 noise draws, Phi the exact PF-ODE map
   (512-step Heun with the closed-form denoiser);
@@ -21,7 +22,7 @@ from cmscale.toy import GaussianMixture, evaluate_toy, train_toy
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--methods", default="cd,ct,ict")
+    p.add_argument("--methods", default="cd,ct,ict,sct,scd")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoints", default="", help="also evaluate at these steps, e.g. 500,1000")
     args = p.parse_args()

@@ -11,6 +11,7 @@ lr, N(k) and mu(k) mean the same at any world size; images seen = steps x global
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,11 +48,14 @@ class NetConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    # sct/scd: the UNet's time input, log_sigma (EDM's 250 ln(sigma_d tan t): EDM teachers and
+    # reference weights fit) or t (the paper's c_noise(t) = t, as 1000 t / (pi/2))
+    time_input: str = "log_sigma"
 
 
 @dataclass
 class LossConfig:
-    mode: str = "ct"                         # edm | cd | ct | ict | ect
+    mode: str = "ct"                         # edm | cd | ct | ict | ect | sct | scd
     metric: str = "l2"                       # l2 | l1 | lpips | pseudo_huber
     huber_c: float = -1.0                    # pseudo_huber's c; < 0: iCT's 0.00054 sqrt(dim)
                                              # (ECT's CIFAR-10 uses 0: the plain L2 norm)
@@ -64,12 +68,12 @@ class LossConfig:
     # CD: fixed N and target EMA; teacher checkpoint (ours or a reference .pt)
     num_scales: int = 40
     target_ema: float = 0.95
-    teacher: str = ""                        # teacher weights file or diffusers folder (cd;
-                                             # ect: the EDM denoiser the student starts from)
+    teacher: str = ""                        # teacher weights file or diffusers folder (cd,
+                                             # scd; ect: the EDM denoiser the student starts from)
     teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
     teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
     solver: str = "heun"                     # heun | euler (cd)
-    init_from_teacher: bool = False          # cd/ct/ict: start the student (target, EMAs)
+    init_from_teacher: bool = False          # cd/ct/ict/sct/scd: start the student (target, EMAs)
                                              # from loss.teacher's weights, as the reference
                                              # does whenever it is given a teacher
     # iCT
@@ -84,6 +88,12 @@ class LossConfig:
     ect_k: float = 8.0                       # n(t) = 1 + k sigmoid(-b t) (k = 0: constant)
     ect_b: float = 1.0
     ect_weighting: str = "inverse_gap"       # inverse_gap: 1/(t - r) | karras: 1/t^2 + 1/sd^2
+    # sCT / sCD (TrigFlow, continuous time); defaults: the paper's ImageNet 64 values
+    scm_p_mean: float = -0.8                 # training times tan t = exp(tau) / sigma_data,
+    scm_p_std: float = 1.6                   # tau ~ N(scm_p_mean, scm_p_std^2)
+    tangent_warmup: int = 10000              # H: tangent warm-up r = min(1, step / H); 0 = off
+    tangent_norm: float = 0.1                # c: tangent normalised as g / (||g|| + c)
+    adaptive_weight: bool = True             # learned log-weight w(t): exp(-w) loss + w
 
 
 @dataclass
@@ -135,6 +145,8 @@ class SampleConfig:
     ema: str = ""                            # which average to sample ("" = first EMA)
     ts: list = field(default_factory=lambda: [0, 20, 39])  # two-step setting, reference form
     steps: int = 40
+    trig_times: list = field(default_factory=lambda: [1.1])  # sct/scd: TrigFlow times after
+                                             # pi/2 of the multistep sampler (paper: 1.1)
     num_grid: int = 64
     seed: int = 0
 
@@ -256,11 +268,12 @@ def _set_dotted(cfg: Config, item: str) -> None:
 
 
 CHOICES = {
-    "loss.mode": ("edm", "cd", "ct", "ict", "ect"),
+    "loss.mode": ("edm", "cd", "ct", "ict", "ect", "sct", "scd"),
     "loss.metric": ("l2", "l1", "lpips", "pseudo_huber"),
     "loss.solver": ("heun", "euler"),
     "loss.ect_weighting": ("inverse_gap", "karras"),
     "loss.lpips_variant": ("reference", "lpips"),
+    "net.time_input": ("log_sigma", "t"),
     "optim.name": ("radam", "adam", "adamw"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.backend": ("ddp", "deepspeed"),
@@ -300,6 +313,9 @@ def validate(cfg: Config) -> Config:
         ("loss.ect_q", cfg.loss.ect_q > 1, "must be > 1 (the gap shrinks by q per stage)"),
         ("loss.ect_k", cfg.loss.ect_k >= 0, "must be >= 0"),
         ("loss.ect_b", cfg.loss.ect_b >= 0, "must be >= 0"),
+        ("loss.scm_p_std", cfg.loss.scm_p_std > 0, "must be > 0"),
+        ("loss.tangent_warmup", cfg.loss.tangent_warmup >= 0, "must be >= 0"),
+        ("loss.tangent_norm", cfg.loss.tangent_norm >= 0, "must be >= 0"),
         ("ema.rates", all(0 < float(r) < 1 for r in cfg.ema.rates), "each in (0, 1)"),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, "must be >= 1"),
         ("checkpoint.every_images", cfg.checkpoint.every_images >= 0, "must be >= 0"),
@@ -313,8 +329,9 @@ def validate(cfg: Config) -> Config:
         if not ok:
             section, name = key.split(".")
             raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r}: {why}")
-    if cfg.loss.mode == "cd" and not cfg.loss.teacher:
-        raise ConfigError("loss.teacher: CD needs a teacher checkpoint (loss.teacher=PATH)")
+    if cfg.loss.mode in ("cd", "scd") and not cfg.loss.teacher:
+        raise ConfigError(f"loss.teacher: {cfg.loss.mode} needs a teacher checkpoint "
+                          f"(loss.teacher=PATH)")
     if cfg.loss.mode == "ect":
         if not cfg.loss.teacher:
             raise ConfigError("loss.teacher: ECT tunes a pretrained EDM denoiser; name its "
@@ -325,7 +342,15 @@ def validate(cfg: Config) -> Config:
                               f"student is the teacher's network, net.preset={cfg.net.preset!r}")
     if cfg.loss.init_from_teacher and (cfg.loss.mode == "edm" or not cfg.loss.teacher):
         raise ConfigError("loss.init_from_teacher: needs loss.teacher=PATH (the weights to "
-                          "start from) and a consistency mode (cd, ct, ict)")
+                          "start from) and a consistency mode (cd, ct, ict, sct, scd)")
+    if (cfg.loss.mode in ("sct", "scd") and cfg.loss.init_from_teacher
+            and cfg.net.time_input != "log_sigma"):
+        raise ConfigError("net.time_input=t: an EDM teacher's weights expect log_sigma; "
+                          "drop loss.init_from_teacher or keep net.time_input=log_sigma")
+    times = [float(t) for t in cfg.sample.trig_times]
+    if any(not 0 < t < math.pi / 2 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+        raise ConfigError(f"sample.trig_times={cfg.sample.trig_times}: decreasing times in "
+                          f"(0, pi/2)")
     if cfg.train.backend == "deepspeed" and cfg.train.zero_stage == 0:
         raise ConfigError("train.zero_stage: the deepspeed backend needs a ZeRO stage 1, 2 or 3")
     ts = [int(t) for t in cfg.sample.ts]

@@ -32,6 +32,9 @@ from .runs import load_run
 from .weights import save_state_dict
 
 FORMATS = ("weights", "diffusers")
+# modes whose networks diffusers' schedulers run as trained (ECT is EDM-parametrised, sCT/sCD
+# TrigFlow: neither matches ConsistencyModelPipeline's preconditioning)
+DIFFUSERS_MODES = ("edm", "cd", "ct", "ict")
 
 
 def main(argv=None) -> int:
@@ -54,9 +57,16 @@ def main(argv=None) -> int:
     meta = {"preset": cfg.net.preset, "net_overrides": cfg.net.overrides,
             "mode": cfg.loss.mode, "network": info["network"], "nimg": info["nimg"],
             "step": info["step"], "sigma_data": cfg.net.sigma_data,
-            "sigma_min": cfg.net.sigma_min, "sigma_max": cfg.net.sigma_max}
+            "sigma_min": cfg.net.sigma_min, "sigma_max": cfg.net.sigma_max,
+            "time_input": cfg.net.time_input}
     stem = os.path.join(args.run_dir, f"export-{info['network']}-{info['nimg']:012d}")
     if args.format == "diffusers":
+        if cfg.loss.mode not in DIFFUSERS_MODES:
+            print(f"cmscale export: cannot write a diffusers folder for a {cfg.loss.mode!r} "
+                  f"run: diffusers' consistency scheduler assumes the CD/CT parametrisation "
+                  f"(c_skip, c_out shifted by sigma_min) and its EDM scheduler an EDM denoiser; "
+                  f"export --format weights instead", file=sys.stderr)
+            return 2
         out = args.out or stem + "-diffusers"
         kw = diffusers_format.unet_kwargs(cfg.net.preset, cfg.net.overrides)
         sched = diffusers_format.scheduler_config(

@@ -12,6 +12,8 @@ that gives the consistency target (an EMA of net for CD/CT, net itself under no_
 - :class:`ECTLoss`  easy consistency tuning (Geng et al. 2025): iCT's self-target, pairs
                     (t, r) from ECT's mapping function; called with the stage in place of N.
 - :class:`EDMLoss`  EDM denoising score matching, to train teachers (Karras et al. 2022, eq. 2).
+- :class:`SCMLoss`  continuous-time sCT / sCD on TrigFlow (Lu & Song 2025, eq. 8 and
+                    Algorithm 1), target = stop-gradient online network, tangent by one JVP.
 
 Online and target passes share dropout masks: the RNG state (CPU and the current CUDA
 device) is saved before the online forward and restored before the target forward.
@@ -24,6 +26,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import schedules
 from .solvers import euler_step, heun_step
@@ -354,3 +357,94 @@ class EDMLoss:
         denoised = net(x + s * torch.randn_like(x), sigma, class_labels)
         weight = 1.0 / sigma**2 + 1.0 / self.sigma_data**2
         return weight * _mean_flat((denoised.float() - x.float()) ** 2)
+
+
+class SCMLoss:
+    """sCT / sCD (Lu & Song 2025): the continuous-time consistency loss on TrigFlow.
+
+    For x0 (the images), ``tan t = exp(tau) / sigma_d`` with ``tau ~ N(P_mean, P_std^2)``,
+    ``z ~ N(0, sigma_d^2 I)`` and ``x_t = cos t x0 + sin t z``:
+
+    - ``dx_t/dt = cos t z - sin t x0`` (sCT), or ``sigma_d F_teacher(x_t / sigma_d, t)`` (sCD,
+      ``teacher`` a :class:`~cmscale.networks.TrigFlowPrecond` around the teacher);
+    - ``F-`` and ``cos t sin t dF-/dt``: one forward-mode JVP of the stop-gradient network at
+      ``(x_t, t)`` with tangent ``(cos t sin t dx_t/dt, cos t sin t)`` (the rearranged form:
+      no 1/(sin t cos t) appears, nothing overflows near t = 0 or pi/2);
+    - ``g = -cos^2 t (sigma_d F- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF-/dt)`` with the
+      tangent warm-up ``r = min(1, step / H)``, normalised ``g / (||g|| + c)``;
+    - per-example loss ``exp(-w(t)) ||F - F- - g||^2 / D + w(t)`` with the learned log-weight w
+      (``adaptive_weight=False``: ``||F - F- - g||^2 / D``).
+
+    Its gradient is that of the consistency condition df/dt = 0 (the paper's eq. 8): at F = F-
+    it is ``-2 g . dF/dtheta / D``, scaled by exp(-w). ``net`` is what the gradient flows through
+    (DDP-wrapped); ``target`` the same weights as a plain module, for the JVP; both are
+    called with ``trigflow=True, raw=True`` and draw the same dropout masks. The JVP forces
+    PyTorch's math attention (the fused SDPA kernels have no forward-mode derivative on GPU).
+    """
+
+    def __init__(self, teacher=None, sigma_data: float = 0.5, p_mean: float = -0.8,
+                 p_std: float = 1.6, tangent_warmup: int = 10000, tangent_norm: float = 0.1,
+                 adaptive_weight: bool = True):
+        if tangent_warmup < 0 or tangent_norm < 0 or p_std <= 0:
+            raise ValueError("need tangent_warmup >= 0, tangent_norm >= 0 and p_std > 0")
+        self.teacher, self.sigma_data = teacher, float(sigma_data)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.tangent_warmup, self.tangent_norm = int(tangent_warmup), float(tangent_norm)
+        self.adaptive_weight = adaptive_weight
+
+    def warmup(self, step: int) -> float:
+        """The tangent warm-up factor r = min(1, step / H) (1 without warm-up)."""
+        return min(1.0, step / self.tangent_warmup) if self.tangent_warmup else 1.0
+
+    def sample_t(self, batch: int, device, dtype=torch.float32) -> torch.Tensor:
+        """Training times: ``t = arctan(exp(tau) / sigma_d)``, tau ~ N(P_mean, P_std^2)."""
+        tau = torch.randn(batch, device=device, dtype=dtype) * self.p_std + self.p_mean
+        return torch.atan(torch.exp(tau) / self.sigma_data)
+
+    def velocity(self, x0, z, x_t, t, class_labels):
+        """dx_t/dt: the conditional velocity (sCT) or the teacher's PF-ODE velocity (sCD)."""
+        cos, sin = (v.reshape((-1,) + (1,) * (x0.ndim - 1)) for v in (torch.cos(t), torch.sin(t)))
+        if self.teacher is None:
+            return cos * z - sin * x0
+        with torch.no_grad():
+            return self.sigma_data * self.teacher(x_t, t, class_labels, trigflow=True,
+                                                  raw=True)[0]
+
+    def tangent(self, target, x_t, t, dxdt, class_labels):
+        """(F-, cos t sin t dF-/dt) of the stop-gradient ``target`` by one forward-mode JVP."""
+        cs = torch.cos(t) * torch.sin(t)
+
+        def F_of(x, tt):
+            return target(x, tt, class_labels, trigflow=True, raw=True)[0]
+
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            return torch.func.jvp(F_of, (x_t, t),
+                                  (cs.reshape((-1,) + (1,) * (x_t.ndim - 1)) * dxdt, cs))
+
+    def __call__(self, net, images, num_scales: int | None = None, class_labels=None,
+                 target=None, step: int = 0):
+        del num_scales  # continuous time: no grid
+        target = net if target is None else target
+        # float32 at least (float64 stays: derivative checks)
+        sd, x0 = self.sigma_data, images.to(torch.promote_types(images.dtype, torch.float32))
+        B, device = x0.shape[0], x0.device
+        t = self.sample_t(B, device, x0.dtype)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        cos, sin = torch.cos(t).reshape(shape), torch.sin(t).reshape(shape)
+        z = torch.randn_like(x0) * sd
+        x_t = cos * x0 + sin * z
+        dxdt = self.velocity(x0, z, x_t, t, class_labels)
+        with same_dropout(device) as replay:
+            F_theta, w = net(x_t, t, class_labels, trigflow=True, raw=True)
+            replay()
+            F_minus, dF = self.tangent(target, x_t, t, dxdt, class_labels)
+        r = self.warmup(step)
+        # dF is already cos t sin t dF-/dt (the JVP's tangent carries the factor)
+        g = -cos**2 * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * dF)
+        norm = g.reshape(B, -1).norm(dim=1).reshape(shape)
+        g = g / (norm + self.tangent_norm)
+        mse = _mean_flat((F_theta.to(x0.dtype) - F_minus - g) ** 2)
+        w = w.to(x0.dtype)
+        if self.adaptive_weight:
+            return torch.exp(-w) * mse + w
+        return mse + 0.0 * w  # w still takes part (zero gradient): DDP expects every parameter

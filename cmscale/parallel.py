@@ -66,16 +66,21 @@ def wrap_ddp(net: nn.Module, info: dist.DistInfo) -> nn.Module:
 # ----------------------------------------------------------------------------- DeepSpeed
 
 
-def deepspeed_config(cfg, micro: int, accum: int, world: int) -> dict:
+def deepspeed_config(cfg, micro: int, accum: int, world: int, forward_mode: bool = False) -> dict:
     """DeepSpeed's config dict for ``cfg`` at ``micro`` images per rank per forward, ``accum``
-    micro-batches per step and ``world`` ranks (``training_loop.batch_split`` gives them)."""
+    micro-batches per step and ``world`` ranks (``training_loop.batch_split`` gives them).
+
+    ``forward_mode``: the loss runs forward-mode AD (sCT/sCD's JVP). ZeRO-3 then keeps
+    torch's ``F.linear``: its memory-efficient replacement (installed process-wide) is a
+    custom autograd function without a forward-mode derivative."""
     tc = cfg.train
     ds: dict[str, Any] = {
         "train_batch_size": micro * accum * world,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": float(cfg.optim.grad_clip),
-        "zero_optimization": {"stage": int(tc.zero_stage)},
+        "zero_optimization": {"stage": int(tc.zero_stage),
+                              **({"memory_efficient_linear": False} if forward_mode else {})},
         # our torch.optim instance: no DeepSpeed optimizer, so no fused_adam JIT build
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,  # the loop logs progress itself
@@ -115,7 +120,7 @@ def _ensure_process_group(info: dist.DistInfo) -> None:
 
 
 def wrap_deepspeed(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
-                   micro: int, accum: int):
+                   micro: int, accum: int, forward_mode: bool = False):
     """A DeepSpeed engine around ``net`` (the same module object) and ``opt`` (ours)."""
     if cfg.train.precision == "fp16" and info.device.type != "cuda":
         raise ValueError(
@@ -128,7 +133,7 @@ def wrap_deepspeed(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.D
 
     # The loop prints what a run needs; keep DeepSpeed's warnings, not its config dump.
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    ds_config = deepspeed_config(cfg, micro, accum, info.world_size)
+    ds_config = deepspeed_config(cfg, micro, accum, info.world_size, forward_mode)
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=ds_config)
     return engine
 
@@ -311,8 +316,10 @@ class _Backend:
     (under ``autocast()``) and ``backward(loss)`` (DDP decides at the forward whether the
     backward all-reduces); then ``step()``, True when the update was applied (False:
     non-finite gradients, nothing changed); gradients are cleared either way; then the target
-    and EMAs read ``full_parameters()``. ``blank_network()`` and ``online_network()`` give
-    whole plain networks for sampling. Checkpoints: ``state(loading)`` gives this backend's
+    and EMAs read ``full_parameters()``. ``stop_gradient_network(forward_mode)`` is the online
+    weights as a plain module for a method whose target is the online network (iCT, sCT;
+    ``forward_mode``: the loss runs a JVP through it). ``blank_network()`` and
+    ``online_network()`` give whole plain networks for sampling. Checkpoints: ``state(loading)`` gives this backend's
     DCP entries, ``files(path)`` the entries that write files of their own, ``meta()`` what
     the commit marker records, ``restore(state, path)`` finishes a resume.
     """
@@ -412,6 +419,9 @@ class DDPBackend(_Backend):
 
     def loss_scale(self) -> float | None:
         return None if self.scaler is None else float(self.scaler.get_scale())
+    def stop_gradient_network(self, forward_mode: bool = False) -> nn.Module:
+        """The online weights as a plain module, for a target pass under no_grad."""
+        return self.net
 
     def blank_network(self) -> nn.Module:
         """A plain network (no grads) to write whole weights into."""
@@ -443,11 +453,12 @@ class DeepSpeedBackend(_Backend):
     engine's module: its storage and hooks belong to the engine)."""
 
     def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
-                 micro: int, accum: int, build_net):
+                 micro: int, accum: int, build_net, forward_mode: bool = False):
         super().__init__(opt, cfg, info)
-        self.engine = wrap_deepspeed(net, opt, cfg, info, micro, accum)
+        self.engine = wrap_deepspeed(net, opt, cfg, info, micro, accum, forward_mode)
         self.wrapped, self.build_net = self.engine, build_net
         self.zero_stage = cfg.train.zero_stage
+        self._whole = None  # ZeRO-3: the whole copy for forward-mode targets
 
     def micro_batch(self, m: int, num: int):
         # DeepSpeed's no_sync: reduce (and step) only after the last micro-batch
@@ -471,6 +482,20 @@ class DeepSpeedBackend(_Backend):
         opt = self.engine.optimizer  # FP16 and ZeRO optimizers name it differently
         scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
         return None if scale is None else float(scale)
+    def stop_gradient_network(self, forward_mode: bool = False) -> nn.Module:
+        """The online weights as a plain module, for a target pass under no_grad (collective
+        under ZeRO-3 with ``forward_mode``).
+
+        ZeRO-3's module gathers its partitioned weights in hooks built on custom autograd
+        functions, which have no forward-mode derivative: for a JVP (sCT/sCD) the weights are
+        gathered once per step into a whole copy (one model's memory) instead."""
+        if not (forward_mode and _is_zero3(self.engine)):
+            return self.engine.module
+        if self._whole is None:
+            self._whole = self.blank_network()
+        with full_parameters(self.engine) as full:
+            update_average(self._whole, full, 0.0)  # rate 0: a copy
+        return self._whole
 
     def blank_network(self) -> nn.Module:
         return self.build_net().to(self.device).requires_grad_(False)
@@ -497,8 +522,10 @@ class DeepSpeedBackend(_Backend):
 
 
 def build_backend(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
-                  micro: int, accum: int, build_net):
-    """The backend of ``train.backend`` around the plain module ``net`` and optimizer ``opt``."""
+                  micro: int, accum: int, build_net, forward_mode: bool = False):
+    """The backend of ``train.backend`` around the plain module ``net`` and optimizer ``opt``
+    (``forward_mode``: the loss runs a JVP through the online weights, see
+    ``stop_gradient_network``)."""
     if cfg.train.backend == "deepspeed":
-        return DeepSpeedBackend(net, opt, cfg, info, micro, accum, build_net)
+        return DeepSpeedBackend(net, opt, cfg, info, micro, accum, build_net, forward_mode)
     return DDPBackend(net, opt, cfg, info)

@@ -128,7 +128,8 @@ def load_network(spec: str, which: str = "", preset: str | None = None,
                     sigma_min=exp.get("sigma_min", schedules.SIGMA_MIN),
                     sigma_max=exp.get("sigma_max", schedules.SIGMA_MAX),
                     rho=exp.get("rho", schedules.RHO), sigma_data=exp.get("sigma_data", 0.5),
-                    step=exp.get("step"), config=None)
+                    step=exp.get("step"), config=None,
+                    time_input=exp.get("time_input", "log_sigma"))
         net_kw = dict(exp.get("net_overrides") or {}, **(overrides or {}))
     else:  # a public reference checkpoint: a plain state dict, its preset named by the user
         if not preset:
@@ -168,4 +169,5 @@ def _net_config(info: dict, overrides: dict) -> Config:
     nc.sigma_data, nc.sigma_min, nc.sigma_max = (info["sigma_data"], info["sigma_min"],
                                                  info["sigma_max"])
     cfg.loss.mode = info["mode"] if info["mode"] in METHODS else "ct"
+    nc.time_input = info.get("time_input", "log_sigma")  # TrigFlow networks (sct, scd)
     return cfg

@@ -19,7 +19,9 @@ network of a run: an EMA name (``ema_0_9999``) or rate (``0.9999``), ``online`` 
 Sampling (Song et al. 2023, Algorithm 1): one step ``clamp(f(sigma_max z, sigma_max))`` by default;
 ``--ts/--steps`` is the reference's multistep form (indices into a Karras grid), ``--sigmas`` an
 explicit list of levels. Runs saved in ``edm`` mode are EDM denoisers: they get the Heun
-sampler with ``--steps`` (default 40, NFE 79, the reference's teacher setting) instead.
+sampler with ``--steps`` (default 40, NFE 79, the reference's teacher setting) instead. Runs
+saved in ``sct``/``scd`` mode (TrigFlow) sample one step at t = pi/2 by default and take
+``--times max,1.1`` (TrigFlow times) as well as the options above.
 
 Outputs, all written atomically (temporary name, then ``os.replace``):
 
@@ -91,7 +93,7 @@ class FixedShapeNet:
             raise ValueError(f"rows must be >= 1, got {rows}")
         self.net, self.rows = net, int(rows)
 
-    def __call__(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma, class_labels=None, **kw) -> torch.Tensor:
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.expand(b) if sigma.ndim == 0 else sigma.reshape(b)
@@ -107,7 +109,7 @@ class FixedShapeNet:
                 ss = torch.cat([ss, ss[-1:].expand(pad)])
                 if ls is not None:
                     ls = torch.cat([ls, ls[-1:].expand(pad, *ls.shape[1:])])
-            outs.append(self.net(xs, ss, ls)[:n])
+            outs.append(self.net(xs, ss, ls, **kw)[:n])
         return torch.cat(outs)
 
 
@@ -252,6 +254,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None,
                    help="Karras grid size for --ts (EDM denoisers: Heun steps, default 40)")
     p.add_argument("--sigmas", default=None, help="multistep: noise levels, e.g. 80,0.8")
+    p.add_argument("--times", default=None,
+                   help="sct/scd runs: TrigFlow times, e.g. max,1.1 (default: one step at pi/2)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class-conditional networks: this class for every image")
@@ -292,7 +296,7 @@ def main(argv=None) -> int:
 @torch.no_grad()
 def run(args, net, info: dict, d) -> None:
     rank, world, device = d.rank, d.world_size, d.device
-    sampler = Sampler.from_flags(info["mode"], args.ts, args.steps, args.sigmas)
+    sampler = Sampler.from_flags(info["mode"], args.ts, args.steps, args.sigmas, args.times)
     grid = dict(sigma_min=float(info["sigma_min"]), sigma_max=float(info["sigma_max"]),
                 rho=float(info["rho"]))
     raw = net.model

@@ -9,30 +9,42 @@ Syntax (``eval.samplers``, ``cmscale fid-report --sampler``; ``str`` gives it ba
 - ``edm`` / ``edm=N``: the EDM Heun sampler with N steps (NFE ``2 N - 1``; ``edm`` is 40 steps,
   NFE 79, the reference's teacher setting), EDM denoisers only;
 - ``euler=N``: Euler (DDIM) steps on a Karras grid of N + 1 levels whose last is 0 (NFE N),
-  EDM denoisers only.
+  EDM denoisers only;
+- ``trig=1.5708,1.1``: TrigFlow steps at decreasing times in (0, pi/2] (``pi/2`` may be
+  written ``max``), sCT/sCD networks only (NFE ``len(times)``, see
+  :func:`cmscale.sampling.sample_trig`).
 
 Both EDM samplers clamp every denoised estimate to [-1, 1], as the reference's sampler does.
 
-Consistency models take the first three, EDM denoisers the last two (:meth:`Sampler.check`).
+Consistency models take onestep, ts and sigmas, EDM denoisers edm and euler, and TrigFlow
+networks (sct, scd) also trig (:meth:`Sampler.check`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from . import schedules
-from .sampling import PerImageNoise, sample_sigmas, ts_to_sigmas
+from .sampling import PerImageNoise, sample_sigmas, sample_trig, ts_to_sigmas
 from .solvers import EDM_STEPS, clamped, edm_sample, euler_step
 
-SYNTAX = "onestep, ts=I,J,.../STEPS, sigmas=A,B,..., edm[=N], euler=N"
+SYNTAX = "onestep, ts=I,J,.../STEPS, sigmas=A,B,..., edm[=N], euler=N, trig=T,T,..."
 EDM_KINDS = ("edm", "euler")
+TRIG_MODES = ("sct", "scd")  # networks with TrigFlow's time (cmscale.networks.TrigFlowPrecond)
 
 
 def parse_ints(text: str) -> list[int]:
     """'0, 62,150' -> [0, 62, 150]."""
     return [int(t) for t in str(text).replace(" ", "").split(",") if t]
+
+
+def parse_times(text: str) -> list[float]:
+    """TrigFlow times: 'max,1.1' -> [pi/2, 1.1] ('max' or 'pi/2' is pi/2)."""
+    return [math.pi / 2 if t in ("max", "pi/2") else float(t)
+            for t in str(text).replace(" ", "").split(",") if t]
 
 
 def parse_floats(text: str) -> list[float]:
@@ -46,6 +58,7 @@ class Sampler:
     ts: tuple[int, ...] = ()        # ts: indices into the Karras grid of ``steps`` points
     steps: int | None = None        # ts: grid size; edm: Heun steps; euler: Euler steps
     sigmas: tuple[float, ...] = ()  # sigmas: the noise levels
+    times: tuple[float, ...] = ()   # trig: the TrigFlow times
 
     def __post_init__(self):
         k = self.kind
@@ -61,6 +74,12 @@ class Sampler:
         elif k in EDM_KINDS:
             if self.steps is None or self.steps < 1:
                 raise ValueError(f"{k} needs at least 1 step, got {self.steps}")
+        elif k == "trig":
+            t = self.times
+            if (not t or any(not 0 < v <= math.pi / 2 + 1e-6 for v in t)
+                    or any(a <= b for a, b in zip(t, t[1:]))):
+                raise ValueError(f"trig needs decreasing times in (0, pi/2], got {list(t)} "
+                                 f"(e.g. trig=max,1.1)")
         elif k != "onestep":
             raise ValueError(f"unknown sampler kind {k!r} ({SYNTAX})")
 
@@ -82,18 +101,27 @@ class Sampler:
                 return cls("edm", steps=int(t[4:]) if "=" in t else EDM_STEPS)
             if t.startswith("euler="):
                 return cls("euler", steps=int(t[6:]))
+            if t.startswith("trig="):
+                return cls("trig", times=tuple(parse_times(t[5:])))
         except ValueError as e:
             raise ValueError(f"sampler {text!r}: {e}") from None
         raise ValueError(f"unknown sampler {text!r} ({SYNTAX})")
 
     @classmethod
     def from_flags(cls, mode: str, ts: str | None = None, steps: int | None = None,
-                   sigmas: str | None = None) -> Sampler:
-        """``cmscale sample``'s ``--ts/--steps/--sigmas`` for a network of ``mode``."""
+                   sigmas: str | None = None, times: str | None = None) -> Sampler:
+        """``cmscale sample``'s ``--ts/--steps/--sigmas/--times`` for a network of ``mode``;
+        without any, one step (at pi/2 for a TrigFlow network)."""
         if mode == "edm":
-            if ts or sigmas:
+            if ts or sigmas or times:
                 raise ValueError("an EDM denoiser is sampled with the Heun sampler: use --steps")
             return cls("edm", steps=int(steps or EDM_STEPS))
+        if times:
+            if ts or sigmas or steps:
+                raise ValueError("give --times, or --ts/--steps, or --sigmas")
+            return cls("trig", times=tuple(parse_times(times))).check(mode)
+        if mode in TRIG_MODES and not (ts or sigmas or steps):
+            return cls("trig", times=(math.pi / 2,))
         if sigmas:
             if ts:
                 raise ValueError("give --ts/--steps or --sigmas, not both")
@@ -113,20 +141,25 @@ class Sampler:
             return f"sigmas={','.join(repr(v) for v in self.sigmas)}"
         if self.kind in EDM_KINDS:
             return f"{self.kind}={self.steps}"
+        if self.kind == "trig":
+            return "trig=" + ",".join("max" if abs(v - math.pi / 2) < 1e-6 else repr(v)
+                                      for v in self.times)
         return self.kind
 
     @property
     def nfe(self) -> int:
         """Network evaluations per image."""
         return {"onestep": 1, "ts": len(self.ts) - 1, "sigmas": len(self.sigmas),
-                "edm": 2 * (self.steps or 0) - 1, "euler": self.steps}[self.kind]
+                "edm": 2 * (self.steps or 0) - 1, "euler": self.steps,
+                "trig": len(self.times)}[self.kind]
 
     def check(self, mode: str) -> Sampler:
         """Raise ValueError unless this sampler fits a network trained in ``mode``."""
-        if (self.kind in EDM_KINDS) != (mode == "edm"):
+        if (self.kind in EDM_KINDS) != (mode == "edm") or (
+                self.kind == "trig" and mode not in TRIG_MODES):
             raise ValueError(f"sampler {str(self)!r} does not fit a {mode!r} network (EDM "
                              f"denoisers take edm[=N] or euler=N; consistency models onestep, "
-                             f"ts=... or sigmas=...)")
+                             f"ts=... or sigmas=...; sct/scd networks also trig=...)")
         return self
 
     def describe(self, sigma_min: float, sigma_max: float, rho: float = schedules.RHO) -> dict:
@@ -141,12 +174,15 @@ class Sampler:
                         final_sigma=final)
         if self.kind == "sigmas":
             return dict(sampler="multistep", sigmas=list(self.sigmas))
+        if self.kind == "trig":
+            return dict(sampler="trigflow", times=list(self.times))
         return dict(sampler="onestep", sigmas=[sigma_max])
 
     @torch.no_grad()
     def run(self, net, noise: PerImageNoise, labels=None, sigma_min: float = schedules.SIGMA_MIN,
             sigma_max: float = schedules.SIGMA_MAX, rho: float = schedules.RHO) -> torch.Tensor:
-        """Images in [-1, 1] from ``net`` (f(x, sigma), or D(x; sigma) for edm/euler)."""
+        """Images in [-1, 1] from ``net`` (f(x, sigma), or D(x; sigma) for edm/euler; trig
+        calls ``net(x_t, t, labels, trigflow=True)``)."""
         if self.kind == "edm":
             return edm_sample(net, noise.next(), self.steps, labels, sigma_min=sigma_min,
                               sigma_max=sigma_max, rho=rho)
@@ -158,6 +194,8 @@ class Sampler:
             for a, b in zip(levels[:-1], levels[1:]):
                 x = euler_step(den, x, float(a), float(b), labels)
             return x.clamp(-1, 1)
+        if self.kind == "trig":
+            return sample_trig(net, noise, self.times, labels)
         final = None
         if self.kind == "ts":
             levels, final = ts_to_sigmas(self.ts, self.steps, sigma_min, sigma_max, rho)

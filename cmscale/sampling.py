@@ -8,6 +8,7 @@ openai/consistency_models ``cm/karras_diffusion.py``, ``stochastic_iterative_sam
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -65,6 +66,36 @@ def sample_sigmas(net, noise: PerImageNoise, sigmas: Sequence[float], class_labe
         scale = (s_next**2 - sigma_min**2) ** 0.5
         x = x0 + scale * noise.next() if scale > 0 else x0
     return x
+
+
+@torch.no_grad()
+def sample_trig(net, noise: PerImageNoise, times: Sequence[float], class_labels=None,
+                sigma_data: float | None = None) -> torch.Tensor:
+    """Multistep sampling of a TrigFlow consistency function (Lu & Song 2025, Algorithm 1).
+
+    ``x = sigma_d z_0`` at ``times[0]`` (normally pi/2); at each t_i
+    ``x0 = clamp(f(x, t_i))``, then ``x = cos t_{i+1} x0 + sin t_{i+1} sigma_d z``.
+    ``net(x_t, t, labels, trigflow=True)`` is f; ``sigma_data`` defaults to ``net``'s.
+    """
+    sd = float(sigma_data if sigma_data is not None else _sigma_data(net))
+    times = [float(t) for t in times]
+    if not times:
+        raise ValueError("need at least one time")
+    x = noise.next() * sd  # the prior at pi/2 (and roughly, as var(x0) ~ sigma_d^2, below)
+    for i, t in enumerate(times):
+        x0 = net(x, torch.full((x.shape[0],), t, device=x.device), class_labels, trigflow=True)
+        x0 = x0.clamp(-1, 1).to(noise.dtype)
+        if i + 1 < len(times):
+            t_next = times[i + 1]
+            x = math.cos(t_next) * x0 + math.sin(t_next) * sd * noise.next()
+    return x0
+
+
+def _sigma_data(net) -> float:
+    """sigma_data of a (possibly wrapped) TrigFlow network."""
+    while not hasattr(net, "sigma_data") and hasattr(net, "net"):
+        net = net.net  # cmscale.sample.FixedShapeNet
+    return net.sigma_data
 
 
 def ts_to_sigmas(ts: Sequence[int], steps: int, sigma_min: float = schedules.SIGMA_MIN,

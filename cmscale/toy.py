@@ -18,7 +18,7 @@ import torch
 
 from . import losses, schedules
 from .ema import frozen_copy, update_average
-from .networks import MLP, ConsistencyPrecond
+from .networks import MLP, ConsistencyPrecond, TrigFlowPrecond
 from .sampling import PerImageNoise, sample_sigmas
 from .solvers import heun_step
 
@@ -79,6 +79,19 @@ class GaussianMixture:
             x = heun_step(self.denoise, x, s, s_next)
         return x
 
+    def trigflow(self, x_t: torch.Tensor, t, class_labels=None, trigflow: bool = True,
+                 raw: bool = True, sigma_data: float = 0.5):
+        """The exact TrigFlow network ``(F, None)`` at (x_t, t): the sCD teacher.
+
+        ``F = (cos t x_t - D(x_t / cos t, sigma_d tan t)) / (sigma_d sin t)``, so that
+        ``sigma_d F`` is the PF-ODE velocity dx_t/dt in TrigFlow's variables."""
+        del trigflow, raw  # the call protocol of TrigFlowPrecond's training outputs
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+        x = x_t.to(torch.float64)
+        cos, sin = torch.cos(t), torch.sin(t)
+        D = self.denoise(x / cos, (sigma_data * sin / cos).reshape(-1))
+        return ((cos * x - D) / (sigma_data * sin)).to(x_t.dtype), None
+
     def nearest_mode_distance(self, x: torch.Tensor) -> torch.Tensor:
         """Distance from each point to its nearest mode centre (a sample-quality figure)."""
         return torch.cdist(x.to(self.means.dtype), self.means).min(dim=1).values
@@ -88,39 +101,50 @@ def train_toy(method: str, gm: GaussianMixture, steps: int = 3000, batch: int = 
               lr: float = 1e-3, seed: int = 0, hidden: int = 128, depth: int = 3,
               log_every: int = 0, ct_s0: int = 2, ct_s1: int = 150, ct_mu0: float = 0.95,
               cd_num_scales: int = 18):
-    """Train a small MLP consistency function on the mixture with CD (exact teacher) or CT.
+    """Train a small MLP consistency function on the mixture with CD (exact teacher), CT, iCT,
+    sCT or sCD (exact TrigFlow teacher).
 
     A compact single-process loop over the same pieces the real trainer uses (preconditioning,
     loss objects, schedules, target EMA); returns the online network and the target.
     CD: N = ``cd_num_scales``, target mu = 0.95, Heun teacher.
     CT: the reference's adaptive curriculum (``ct_s0``, ``ct_s1``, ``ct_mu0``) over ``steps``.
+    sCT/sCD: :class:`~cmscale.losses.SCMLoss` with its defaults, the tangent warm-up over the
+    first quarter of the steps; the target is the network itself.
     """
-    if method not in ("cd", "ct", "ict"):
-        raise ValueError(f"method must be 'cd', 'ct' or 'ict', got {method!r}")
+    if method not in ("cd", "ct", "ict", "sct", "scd"):
+        raise ValueError(f"method must be 'cd', 'ct', 'ict', 'sct' or 'scd', got {method!r}")
     torch.manual_seed(seed)
-    net = ConsistencyPrecond(MLP(dim=gm.dim, hidden=hidden, depth=depth))
-    # iCT's target is the online network itself (the loss evaluates it under no_grad).
-    target = net if method == "ict" else frozen_copy(net)
+    trig = method in ("sct", "scd")
+    net = (TrigFlowPrecond if trig else ConsistencyPrecond)(MLP(dim=gm.dim, hidden=hidden,
+                                                                depth=depth))
+    # iCT's and sCM's target is the online network itself (evaluated under no_grad).
+    target = net if method in ("ict", "sct", "scd") else frozen_copy(net)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = {"cd": lambda: losses.CDLoss(gm, solver="heun"), "ct": lambda: losses.CTLoss("l2"),
-               "ict": lambda: losses.ICTLoss()}[method]()
+               "ict": lambda: losses.ICTLoss(),
+               "sct": lambda: losses.SCMLoss(tangent_warmup=steps // 4),
+               "scd": lambda: losses.SCMLoss(gm.trigflow, tangent_warmup=steps // 4)}[method]()
     gen = torch.Generator().manual_seed(seed + 1)
     for k in range(steps):
+        N, mu = None, 0.0
         if method == "cd":
             N, mu = schedules.cd_schedule(k, num_scales=cd_num_scales)
         elif method == "ict":
             N, mu = schedules.ict_schedule(k, steps)
-        else:
+        elif method == "ct":
             N, mu = schedules.ct_schedule(k, steps, s0=ct_s0, s1=ct_s1, mu0=ct_mu0)
         x = gm.sample(batch, generator=gen).float()
-        loss = loss_fn(net, x, num_scales=N, target=target).mean()
+        if trig:
+            loss = loss_fn(net, x, target=target, step=k).mean()
+        else:
+            loss = loss_fn(net, x, num_scales=N, target=target).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if method != "ict":
+        if target is not net:
             update_average(target, net, mu)
         if log_every and k % log_every == 0:
-            print(f"{method} step {k} N={N} mu={mu:.5f} loss={loss.item():.3e}")
+            print(f"{method} step {k} N={N} mu={mu} loss={loss.item():.3e}")
     return net, target
 
 

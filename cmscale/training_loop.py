@@ -1,4 +1,4 @@
-"""The one training loop: EDM teachers, CD, CT and iCT; DDP or DeepSpeed; any world size.
+"""The one training loop: EDM teachers, CD, CT, iCT, sCT and sCD; DDP or DeepSpeed; any world size.
 
 ``training_loop(cfg, run_dir)`` trains or resumes and returns the exit code: 0 finished,
 ``EXIT_NONFINITE`` (65) after ``train.max_nonfinite_steps`` skipped steps in a row (no
@@ -223,10 +223,9 @@ class Trainer:
         self.opt = build_optimizer(cfg, self.net.parameters())
         # An EMA target network when the method needs one, sharded over the ranks like the
         # EMAs and gathered whole only during a step; otherwise the loss takes its target
-        # from the online network itself (under no_grad).
+        # from the online network itself (under no_grad: backend.stop_gradient_network).
         self.target = (ShardedTarget(self.net, self.info.rank, self.info.world_size)
                        if self.method.needs_target else None)
-        self.loss_target = self.target if self.target is not None else self.net
         # Built from the plain module before it is wrapped: DeepSpeed moves (ZeRO-1/2) or
         # partitions (ZeRO-3) the parameter storage.
         self.emas = {ema_name(r): ShardedAverage(self.net, float(r), self.info.rank,
@@ -239,7 +238,8 @@ class Trainer:
             self.evaluator = PeriodicEval(cfg, self.device)
         self.saved_step = -1  # the step of the newest checkpoint this process wrote
         self.backend = parallel.build_backend(self.net, self.opt, cfg, self.info, self.micro,
-                                              self.accum, lambda: build_net(cfg))
+                                              self.accum, lambda: build_net(cfg),
+                                              self.method.forward_mode_target)
         self.step = 0
         self.nonfinite = 0  # consecutive skipped steps
         # Reader positions of every stream's workers (replicated in the checkpoint), and the
@@ -363,13 +363,15 @@ class Trainer:
         N, mu = self.method.schedule(self.step)
         self.backend.set_lr(learning_rate(self.cfg, self.step))
         total = torch.zeros((), device=self.device)
+        target = (self.target if self.target is not None else
+                  self.backend.stop_gradient_network(self.method.forward_mode_target))
         for m, (images, labels) in enumerate(batches):
             offset = self.info.rank * self.per_rank + m * self.micro
             torch.manual_seed(step_seed(self.cfg.train.seed, self.step, offset))
             with self.backend.micro_batch(m, len(batches)):
                 with self.backend.autocast():
-                    loss = self.method.loss(self.backend.wrapped, self.loss_target, images,
-                                            labels, N).mean() / len(batches)
+                    loss = self.method.loss(self.backend.wrapped, target, images, labels, N,
+                                            self.step).mean() / len(batches)
                 self.backend.backward(loss)
             total += loss.detach()
         mean_loss = dist.all_reduce_mean(total)

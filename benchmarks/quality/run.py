@@ -135,8 +135,10 @@ PRESETS = {
         heun_steps=[1, 2, 3, 5, 10, 18], euler_steps=[2, 4],
         ct_s1=20, ct_mu0=0.9,
         mid_sweep=[0.2, 0.4, 0.821, 1.38, 2.5, 5.0, 10.0], search_seed=1000, search_grid=40,
-        toy_steps=[250, 500, 1000, 2000], toy_methods=["cd", "ct"], toy_eval_n=2000,
-        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "ct_ref", "cd_l2_rinit"],
+        toy_steps=[250, 500, 1000, 2000], toy_methods=["cd", "ct", "scd", "sct"],
+        toy_eval_n=2000,
+        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "sct", "scd", "ct_ref",
+                 "cd_l2_rinit"],
     ),
     # A couple of minutes: every stage runs, the numbers mean little.
     "smoke": dict(
@@ -148,8 +150,9 @@ PRESETS = {
         heun_steps=[1, 2, 3, 10], euler_steps=[2],
         ct_s1=20, ct_mu0=0.9,
         mid_sweep=[0.821, 2.5], search_seed=1000, search_grid=40,
-        toy_steps=[100, 200], toy_methods=["cd", "ct"], toy_eval_n=2000,
-        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "ct_ref", "cd_l2_rinit"],
+        toy_steps=[100, 200], toy_methods=["cd", "ct", "scd", "sct"], toy_eval_n=2000,
+        methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "sct", "scd", "ct_ref",
+                 "cd_l2_rinit"],
     ),
 }
 
@@ -162,6 +165,8 @@ TWO_STEP = {
                 "(ts=0,788,1280 / 1281)"),
     "ect": dict(ts=[0, 788, 1280], steps=1281, source="ECT CIFAR-10, sigma 0.821 "
                 "(ts=0,788,1280 / 1281)"),
+    # sCM's two steps are TrigFlow times: pi/2, then t_mid = 1.1 (Lu & Song 2025)
+    "scm": dict(times=[math.pi / 2, 1.1], source="sCM, TrigFlow t = pi/2 then 1.1"),
 }
 
 
@@ -205,7 +210,14 @@ METHODS = {
                            "loss.ect_q=2", "loss.ect_k=8", "loss.ect_b=1",
                            "loss.ect_weighting=inverse_gap",
                            "loss.ect_stage_steps={ect_stage_steps}"]),
+    # Continuous time on TrigFlow with the paper's stabilisers (the tangent warm-up over the
+    # first quarter of the run, see train_overrides). sCT trains as CT (budget, optimizer), sCD
+    # as CD: from the same EDM teacher, whose weights it starts from.
+    "sct": dict(label="sCT", mode="sct", family="scm", overrides=["loss.mode=sct"]),
+    "scd": dict(label="sCD", mode="scd", family="scm",
+                overrides=["loss.mode=scd", "loss.init_from_teacher=true"]),
 }
+DISTILLED = ("cd", "scd", "ect")  # modes that learn from (or start as) the EDM teacher
 
 
 def log(msg: str) -> None:
@@ -244,8 +256,9 @@ def find_vgg16() -> str | None:
 
 def optim_of(s: dict, method: str) -> tuple[float, float, float]:
     """(lr, beta2, evaluation EMA rate) of a method: CT and iCT (whose N doubles during the run)
-    use ``lr``/``beta2``/``ema``; the EDM teacher and CD use the ``teacher_cd_*`` settings."""
-    if METHODS[method]["mode"] in ("edm", "cd"):
+    use ``lr``/``beta2``/``ema``, as do sCT and ECT; the EDM teacher, CD and sCD use the
+    ``teacher_cd_*`` settings."""
+    if METHODS[method]["mode"] in ("edm", "cd", "scd"):
         return (float(s["teacher_cd_lr"]), float(s["teacher_cd_beta2"]),
                 float(s["teacher_cd_ema"]))
     return float(s["lr"]), float(s["beta2"]), float(s["ema"])
@@ -253,7 +266,7 @@ def optim_of(s: dict, method: str) -> tuple[float, float, float]:
 
 def train_overrides(s: dict, method: str, seed: int, teacher: str | None, vgg: str | None):
     steps = s[{"edm": "teacher_steps", "ct": "ct_steps", "ict": "ict_steps",
-               "ect": "ect_steps"}.get(METHODS[method]["mode"], "cd_steps")]
+               "ect": "ect_steps", "sct": "ct_steps"}.get(METHODS[method]["mode"], "cd_steps")]
     lr, beta2, ema = optim_of(s, method)
     res = int(s["resolution"])
     ov = [
@@ -272,8 +285,10 @@ def train_overrides(s: dict, method: str, seed: int, teacher: str | None, vgg: s
     ]
     fields = dict(s, ect_stage_steps=ect_stage_steps(s))
     ov += [o.format(**fields) for o in METHODS[method]["overrides"]]
-    if METHODS[method]["mode"] in ("cd", "ect"):  # both start from the teacher's export
+    if METHODS[method]["mode"] in DISTILLED:
         ov.append(f"loss.teacher={teacher}")
+    if METHODS[method]["mode"] in ("sct", "scd"):
+        ov.append(f"loss.tangent_warmup={max(1, steps // 4)}")
     if method == "cd_lpips":
         ov.append(f"loss.lpips_weights={vgg}")
     return ov, steps
@@ -400,6 +415,17 @@ def samplers_for(method: str, s: dict, searched: dict | None = None) -> list:
                 for k in s["euler_steps"]]
         return out
     fam = TWO_STEP[METHODS[method]["family"]]
+    if "times" in fam:  # TrigFlow: one step at pi/2, the published two at pi/2 and t_mid
+        out = [sampler_row(Sampler("trig", times=(math.pi / 2,)), "1 step (t = pi/2)", "cm1")]
+        if searched is not None:
+            mid = searched["mid_sigma"]
+            out.append(sampler_row(Sampler("sigmas", sigmas=(80.0, mid)),
+                                   f"2 steps, searched mid {mid:.3g}", "cm2", mid_sigma=mid))
+        t_mid = fam["times"][1]
+        out.append(sampler_row(Sampler("trig", times=tuple(fam["times"])),
+                               f"2 steps, published t_mid {t_mid:.3g}", "cm2pub",
+                               mid_sigma=0.5 * math.tan(t_mid), source=fam["source"]))
+        return out
     levels, _ = ts_to_sigmas(fam["ts"], fam["steps"])
     out = [sampler_row(Sampler("onestep"), "1 step", "cm1")]
     if searched is not None:
@@ -460,7 +486,8 @@ def summary(values: list) -> dict:
 
 
 def toy_check(s: dict) -> dict:
-    """CD (exact teacher) and CT on the 2-D ring: one-step map error vs the exact PF-ODE map."""
+    """CD, sCD (exact teacher), CT and sCT on the 2-D ring: one-step map error vs the exact
+    PF-ODE map."""
     from cmscale.toy import GaussianMixture, evaluate_toy, train_toy
 
     gm = GaussianMixture.ring()
@@ -529,6 +556,11 @@ def run_checks(cells: dict, methods: list) -> list:
     for key, tag, what in (("cm2", "", "searched mid"), ("cm2pub", "_published_ts",
                                                            "published ts")):
         for m in cms:
+            if METHODS[m]["mode"] in ("sct", "scd"):
+                add(f"{m}_2_beats_1{tag}", f"{METHODS[m]['label']}: 2 steps ({what}) beat "
+                    "1 step", get(m, key), get(m, "cm1"), a_label=f"NFE 2 ({what})",
+                    b_label="NFE 1")
+        for m in cms:
             if METHODS[m]["mode"] == "cd":
                 add(f"cd_2_beats_1{tag}[{m}]", f"{METHODS[m]['label']}: 2 steps ({what}) beat "
                     "1 step", get(m, key), get(m, "cm1"), a_label=f"NFE 2 ({what})",
@@ -558,6 +590,11 @@ def run_checks(cells: dict, methods: list) -> list:
             add(f"ect_beats_ict_nfe2{tag}", f"ECT (from the teacher) beats iCT at NFE 2 and "
                 f"equal training steps ({what})", get("ect", key), get("ict", key),
                 a_label="ECT", b_label="iCT")
+    # sCD at least as good as CD (the paper's claim), at NFE 1 and 2
+    for key, what in (("cm1", "NFE 1"), ("cm2", "NFE 2, searched mid"),
+                      ("cm2pub", "NFE 2, published")):
+        add(f"scd_beats_cd_{key}", f"sCD beats CD (l2) at {what}", get("scd", key),
+            get("cd_l2", key), a_label="sCD", b_label="CD (l2)")
     t1, t2 = get("edm", "heun1"), get("edm", "euler2")
     tmin = None
     if t1 is not None and t2 is not None:
@@ -569,8 +606,12 @@ def run_checks(cells: dict, methods: list) -> list:
     return checks
 
 
+TOY_LABELS = {"cd": "CD", "ct": "CT", "ict": "iCT", "scd": "sCD", "sct": "sCT"}
+
+
 def toy_checks(toy: dict) -> list:
-    """The Gaussian-mixture figures: the map error shrinks with training; CD below CT."""
+    """The Gaussian-mixture figures: the map error shrinks with training; CD below CT, sCD
+    below sCT."""
     out = []
     by = {}
     for r in toy["rows"]:
@@ -579,15 +620,17 @@ def toy_checks(toy: dict) -> list:
         pts.sort()
         ok = pts[-1][1] < pts[0][1]
         out.append(dict(name=f"toy_{m}_map_err_shrinks", status="PASS" if ok else "FAIL",
-                        description=f"GMM toy, {m.upper()}: one-step map error shrinks with "
+                        description=f"GMM toy, {TOY_LABELS[m]}: one-step map error shrinks with "
                                     "training",
                         detail=" -> ".join(f"{e:.3f} ({k} steps)" for k, e in pts)))
-    if "cd" in by and "ct" in by:
-        cd, ct = dict(by["cd"]), dict(by["ct"])
-        k = max(set(cd) & set(ct))
-        out.append(dict(name="toy_cd_beats_ct", status="PASS" if cd[k] < ct[k] else "FAIL",
-                        description="GMM toy: CD's map error below CT's at equal training",
-                        detail=f"CD {cd[k]:.4f} vs CT {ct[k]:.4f} at {k} steps"))
+    for a, b in (("cd", "ct"), ("scd", "sct")):
+        if a in by and b in by:
+            da, db = dict(by[a]), dict(by[b])
+            k = max(set(da) & set(db))
+            A, B = TOY_LABELS[a], TOY_LABELS[b]
+            out.append(dict(name=f"toy_{a}_beats_{b}", status="PASS" if da[k] < db[k] else "FAIL",
+                            description=f"GMM toy: {A}'s map error below {B}'s at equal training",
+                            detail=f"{A} {da[k]:.4f} vs {B} {db[k]:.4f} at {k} steps"))
     return out
 
 
@@ -860,7 +903,7 @@ def main(argv=None) -> int:
     runs: dict = {}
     teachers = {}
     for seed in s["train_seeds"]:
-        if "edm" in methods or any(METHODS[m]["mode"] in ("cd", "ect") for m in methods):
+        if "edm" in methods or any(METHODS[m]["mode"] in DISTILLED for m in methods):
             rec = train(work, s, "edm", seed, fresh=a.fresh)
             runs[("edm", seed)] = rec
             teachers[seed] = export_teacher(rec["run_dir"], ema_name_of(optim_of(s, "edm")[2]))

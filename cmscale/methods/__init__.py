@@ -16,8 +16,10 @@ from .ct import CT
 from .ect import ECT
 from .edm import EDM
 from .ict import ICT
+from .scm import SCD, SCT
 
-METHODS: dict[str, type[Method]] = {"edm": EDM, "cd": CD, "ct": CT, "ict": ICT, "ect": ECT}
+METHODS: dict[str, type[Method]] = {"edm": EDM, "cd": CD, "ct": CT, "ict": ICT, "ect": ECT,
+                                     "sct": SCT, "scd": SCD}
 
 
 def build_method(cfg: Config, device) -> Method:
@@ -28,6 +30,6 @@ def build_net(cfg: Config) -> torch.nn.Module:
     """The plain network: the UNet inside the method's preconditioning (consistency function
     f(x, sigma), or EDM denoiser D(x; sigma))."""
     raw = create_unet(cfg.net.preset, **cfg.net.overrides)
-    return METHODS[cfg.loss.mode].precond(raw, sigma_data=cfg.net.sigma_data,
-                                          sigma_min=cfg.net.sigma_min,
-                                          sigma_max=cfg.net.sigma_max)
+    method = METHODS[cfg.loss.mode]
+    return method.precond(raw, sigma_data=cfg.net.sigma_data, sigma_min=cfg.net.sigma_min,
+                          sigma_max=cfg.net.sigma_max, **method.precond_kwargs(cfg))

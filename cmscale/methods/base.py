@@ -2,9 +2,9 @@
 
 ``schedule(step)`` gives ``(N, mu)``: the number of grid points and the target EMA rate at
 that step (``(None, None)`` for a method without either; ECT, which has no grid, gives its
-stage in place of N). ``loss(net, target, images, labels, N)`` returns per-example losses of
-one micro-batch (no reduction, no distributed calls): ``net`` is what the forward goes
-through, ``target`` the network the loss takes its target from (the EMA target when
+stage in place of N). ``loss(net, target, images, labels, N, step)`` returns per-example
+losses of one micro-batch (no reduction, no distributed calls): ``net`` is what the forward
+goes through, ``target`` the network the loss takes its target from (the EMA target when
 ``needs_target``, else the online network; EDM ignores it). After an applied step the trainer
 moves the EMA target: ``target <- mu * target + (1 - mu) * net``.
 """
@@ -23,6 +23,12 @@ from ..sampler import Sampler
 class Method:
     precond: type[nn.Module] = ConsistencyPrecond  # what wraps the UNet: c_skip, c_out, c_in
     needs_target = False  # an EMA target network (cmscale.ema.ShardedTarget) moved by mu(k)
+    forward_mode_target = False  # the loss runs forward-mode AD (a JVP) through its target
+
+    @classmethod
+    def precond_kwargs(cls, cfg: Config) -> dict:
+        """Options of ``precond`` from the config, beyond sigma_data/min/max."""
+        return {}
 
     def __init__(self, cfg: Config, loss_fn):
         self.cfg, self.loss_fn = cfg, loss_fn
@@ -30,7 +36,7 @@ class Method:
     def schedule(self, step: int) -> tuple[int | None, float | None]:
         return None, None
 
-    def loss(self, net, target, images, labels, num_scales):
+    def loss(self, net, target, images, labels, num_scales, step: int = 0):
         return self.loss_fn(net, images, num_scales=num_scales, class_labels=labels,
                             target=target)
 

@@ -57,7 +57,7 @@ class ECT(Method):
         stop-gradient online network)."""
         return schedules.ect_stage(step, self.cfg.loss.ect_stage_steps), 0.0
 
-    def loss(self, net, target, images, labels, num_scales):
+    def loss(self, net, target, images, labels, num_scales, step: int = 0):
         return self.loss_fn(net, images, stage=num_scales, class_labels=labels, target=target)
 
     def logs(self, step: int) -> dict:

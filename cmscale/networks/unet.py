@@ -97,11 +97,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     """Sinusoidal embedding [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half) (ADM's order).
 
     Computed in float32 with the reference's exact op order: c_noise reaches |t| ~ 1500 at
-    sigma_min, where a different rounding of t*f moves sin/cos by ~1e-4.
+    sigma_min, where a different rounding of t*f moves sin/cos by ~1e-4. A float64 ``t``
+    (a network run in float64, e.g. for derivative checks) keeps float64.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None].float() * freqs.to(t.device)[None]
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype) / half)
+    args = t[:, None].to(dtype) * freqs.to(t.device)[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
@@ -109,7 +111,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32, C) evaluated in float32 whatever the input dtype (ADM's GroupNorm32).
+    """GroupNorm(32, C) evaluated in float32 whatever the (lower) input dtype (ADM's
+    GroupNorm32); float64 inputs stay float64.
 
     `groups` other than 32 only for small networks (the `norm_groups` of `UNet`)."""
 
@@ -117,9 +120,10 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(groups, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = None if self.weight is None else self.weight.to(dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        return F.group_norm(x.to(dtype), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 def _zero(module: nn.Module) -> nn.Module:

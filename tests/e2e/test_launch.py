@@ -23,7 +23,7 @@ from tests.support import REPO as ROOT
 LAUNCH = ROOT / "launch"
 COMMON = LAUNCH / "common.sh"
 RECIPES = ["lsun_cat_ct", "lsun_bedroom_cd", "imagenet64_cd", "imagenet64_ct", "cifar10_ict",
-           "cifar10_ect", "quickstart"]
+           "cifar10_ect", "quickstart", "imagenet64_sct", "imagenet64_scd"]
 
 
 def _bash(script: str, **kw) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from tests.support import REPO
 ROOT = REPO
 SCRIPT = ROOT / "benchmarks" / "quality" / "run.py"
 
-METHODS = ["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "ct_ref", "cd_l2_rinit"]
+METHODS = ["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "sct", "scd", "ct_ref", "cd_l2_rinit"]
 TINY = ["teacher_steps=20", "cd_steps=4", "ct_steps=6", "ict_steps=6", "ect_steps=6", "batch=16",
         "num_eval=64", "eval_batch=64", "sample_seeds=[0,1]", "heun_steps=[1,2]",
         "euler_steps=[2]", "mid_sweep=[0.821]", "search_grid=10", "toy_steps=[20,40]",
@@ -60,6 +60,8 @@ def _check_outputs(out: Path, stdout: str, methods):
               "cd1_beats_teacher_1_2", "cd_2_beats_1[cd_l2]", "toy_cd_map_err_shrinks",
               "ect_2_beats_1", "ect_beats_ict_nfe1", "ect_beats_ict_nfe2",
               "ect_beats_ict_nfe2_published_ts"):
+              "sct_2_beats_1", "scd_2_beats_1", "scd_beats_cd_cm1", "scd_beats_cd_cm2pub",
+              "toy_scd_beats_sct"):
         assert n in names
     for c in res["checks"]:
         assert c["status"] == _verdict(c, res), c
@@ -81,7 +83,7 @@ def _check_outputs(out: Path, stdout: str, methods):
     for m in methods:
         with Image.open(out / "grids" / f"{m}.png") as im:
             assert im.width > 100
-    assert len(res["toy"]["rows"]) == 4 and all(math.isfinite(r["map_err"])
+    assert len(res["toy"]["rows"]) == 8 and all(math.isfinite(r["map_err"])
                                                 for r in res["toy"]["rows"])
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert total < 1_000_000

@@ -126,7 +126,7 @@ def assert_same_training(a_dir, b_dir):
     a, meta_a = final_state(a_dir)
     b, meta_b = final_state(b_dir)
     assert meta_a["nimg"] == meta_b["nimg"] == 32
-    for which in a:  # online, target and both EMAs
+    for which in a:  # online, target (if any) and both EMAs
         for k in a[which]:
             torch.testing.assert_close(a[which][k], b[which][k], atol=1e-5, rtol=1e-4,
                                        msg=lambda m: f"{which}.{k}: {m}")
@@ -207,6 +207,28 @@ def test_zero3_two_ranks_train_and_resume_bit_identically(runs):
     assert losses_of(resumed) == {s: v for s, v in losses_of(z3).items() if s > 2}
 
 
+# sCT: stop-gradient online target, a JVP through it (under ZeRO-3 through a whole copy of the
+# gathered weights), the learned weighting among the sharded parameters.
+SCT = ["loss.mode=sct", "loss.tangent_warmup=2"]
+
+
+@pytest.mark.dist
+def test_sct_zero3_matches_ddp(runs):
+    needs_deepspeed()
+    ddp = runs.get("sct_ddp2", run_ranks, 2, *COMMON, *SCT)
+    z3 = runs.get("sct_zero3", run_ranks, 2, *COMMON, *SCT, *zero(3))
+    print(f"sCT: max |ZeRO-3 x2 - DDP x2| = {assert_same_training(ddp, z3):.3g}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sct_zero1_bf16_with_accumulation_matches_one_process(runs):
+    needs_deepspeed()
+    one = runs.get("sct_one_accum", run_one, *ACCUM, *SCT)
+    z1 = runs.get("sct_zero1_accum", run_ranks, 2, *ACCUM, *SCT, *zero(1))
+    print(f"sCT: max |ZeRO-1 bf16 x2 - 1 process| = {assert_same_training(one, z1):.3g}")
+
+
 @pytest.mark.dist
 def test_zero1_bf16_with_accumulation_matches_one_process(runs):
     needs_deepspeed()
@@ -247,6 +269,9 @@ def test_deepspeed_config_follows_the_run_config():
     assert "bf16" not in ds and "fp16" not in ds
     fp16 = parallel.deepspeed_config(load_config(None, [*zero(3), "train.precision=fp16"]), 4, 1, 1)
     assert fp16["fp16"]["initial_scale_power"] == 20 and fp16["fp16"]["loss_scale"] == 0
+    # a JVP through the weights (sCT/sCD): ZeRO-3 must not replace F.linear
+    jvp = parallel.deepspeed_config(load_config(None, zero(3)), 4, 1, 1, forward_mode=True)
+    assert jvp["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
 
 
 def test_deepspeed_fp16_on_cpu_is_a_clear_error():

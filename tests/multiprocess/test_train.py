@@ -45,6 +45,8 @@ def method_overrides(method, request):
     """The extra overrides that make TINY (CT) a run of ``method``."""
     if method == "ect":
         return ect_overrides(request.getfixturevalue("teacher"))
+    if method == "sct":
+        return ["loss.mode=sct", "loss.tangent_warmup=4"]
     return []
 
 
@@ -81,9 +83,10 @@ def test_dry_run_prints_config_and_size(tmp_path, cache):
     assert "parameters:" in r.stdout and "mode: ct" in r.stdout
 
 
-@pytest.mark.parametrize("method", ["ct", "ect"])
+@pytest.mark.parametrize("method", ["ct", "ect", "sct"])
 def test_kill_9_then_resume_is_bit_identical(tmp_path, cache, method, request):
-    # ECT: the resume lands in stage 2 of 3, with dropout masks shared by online and target
+    # ECT: the resume lands in stage 2 of 3, with dropout masks shared by online and target;
+    # sCT: stop-gradient target, JVP tangent, learned weighting, a warm-up spanning the resume
     extra = method_overrides(method, request)
     straight = tmp_path / "straight"
     r = train(straight, cache, *extra)
@@ -193,7 +196,7 @@ def test_signal_to_two_process_run_checkpoints_and_exits_75(tmp_path, cache):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("method", ["ct", "ect"])
+@pytest.mark.parametrize("method", ["ct", "ect", "sct"])
 def test_two_ranks_ddp_match_one_process_with_the_same_global_batch(tmp_path, cache, method,
                                                                    request):
     # data.streams and train.micro_batch fixed: both runs see the same global batches and draw

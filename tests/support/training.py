@@ -23,10 +23,9 @@ def final_state(run_dir):
     from cmscale.runs import load_run
 
     mode = load_config(os.path.join(run_dir, "config.yaml")).loss.mode
+    target = ("target",) if METHODS[mode].needs_target else ()  # iCT, sCT: the online net
     nets = {}
-    for which in ("online", "target", "ema_0_9", "ema_0_99"):
-        if which == "target" and not METHODS[mode].needs_target:
-            continue
+    for which in ("online", *target, "ema_0_9", "ema_0_99"):
         net, meta = load_run(str(run_dir), which)
         nets[which] = {k: v.clone() for k, v in net.state_dict().items()}
     return nets, meta

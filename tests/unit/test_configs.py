@@ -19,7 +19,7 @@ def cfg(name, *overrides):
 def test_every_recipe_loads_and_round_trips(tmp_path):
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
     assert {"lsun_cat_ct", "lsun_bedroom_cd", "imagenet64_cd", "imagenet64_ct", "cifar10_ict",
-            "cifar10_ect", "quickstart"} <= set(names)
+            "cifar10_ect", "quickstart", "imagenet64_sct", "imagenet64_scd"} <= set(names)
     for name in names:
         c = cfg(name)
         assert c.net.preset in PRESETS
@@ -65,6 +65,14 @@ def test_reference_hyperparameters():
     assert (c.optim.name, c.optim.lr, c.net.overrides["dropout"], c.ema.rates) == (
         "radam", 1e-4, 0.2, [0.9999])
     assert c.loss.teacher and c.net.preset == "tiny32"
+    for name, mode in (("imagenet64_sct", "sct"), ("imagenet64_scd", "scd")):
+        c = cfg(name)  # the sCM paper's ImageNet 64 stabilisers and two-step time
+        assert (c.loss.mode, c.loss.scm_p_mean, c.loss.scm_p_std, c.loss.tangent_warmup,
+                c.loss.tangent_norm, c.loss.adaptive_weight) == (mode, -0.8, 1.6, 10000, 0.1, True)
+        assert (c.sample.trig_times, c.train.precision, c.data.class_cond) == ([1.1], "bf16", True)
+        assert tuple(c.optim.betas) == (0.9, 0.99) and c.optim.weight_decay == 0.0
+    c = cfg("imagenet64_scd")
+    assert (c.loss.teacher_dropout, c.loss.init_from_teacher) == (0.1, True) and c.loss.teacher
 
 
 @pytest.mark.parametrize("override,message", [
