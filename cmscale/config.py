@@ -88,7 +88,8 @@ class TrainConfig:
     total_steps: int = 1000                  # K, optimizer steps of the global batch
     global_batch: int = 32                   # images per optimizer step, all ranks together
     micro_batch: int = 0                     # images per rank per forward (0 = global/world)
-    precision: str = "fp32"                  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling)
+    precision: str = "fp32"                  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling) |
+                                             # auto (bf16 where the device has it natively)
     initial_loss_scale: float = 2.0**20      # fp16 only, as the reference
     max_nonfinite_steps: int = 20            # consecutive skipped steps before stopping
     backend: str = "ddp"                     # ddp | deepspeed
@@ -245,7 +246,7 @@ CHOICES = {
     "loss.metric": ("l2", "l1", "lpips", "pseudo_huber"),
     "loss.solver": ("heun", "euler"),
     "optim.name": ("radam", "adam", "adamw"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.backend": ("ddp", "deepspeed"),
     "data.bad_input": ("convert", "skip", "raise"),
     "eval.extractor": ("inception", "digits"),

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ __all__ = [
     "deepspeed_config",
     "full_parameters",
     "load_deepspeed",
+    "native_bf16",
+    "resolve_precision",
     "wrap_ddp",
     "wrap_deepspeed",
 ]
@@ -63,10 +66,15 @@ def wrap_ddp(net: nn.Module, info: dist.DistInfo) -> nn.Module:
 # ----------------------------------------------------------------------------- DeepSpeed
 
 
-def deepspeed_config(cfg, micro: int, accum: int, world: int) -> dict:
+def deepspeed_config(cfg, micro: int, accum: int, world: int,
+                     precision: str | None = None) -> dict:
     """DeepSpeed's config dict for ``cfg`` at ``micro`` images per rank per forward, ``accum``
-    micro-batches per step and ``world`` ranks (``training_loop.batch_split`` gives them)."""
+    micro-batches per step and ``world`` ranks (``training_loop.batch_split`` gives them).
+    ``precision``: the resolved ``train.precision`` (``resolve_precision``; default: as set)."""
     tc = cfg.train
+    precision = precision or tc.precision
+    if precision == "auto":
+        raise ValueError("deepspeed_config needs a resolved precision (resolve_precision)")
     ds: dict[str, Any] = {
         "train_batch_size": micro * accum * world,
         "train_micro_batch_size_per_gpu": micro,
@@ -78,10 +86,10 @@ def deepspeed_config(cfg, micro: int, accum: int, world: int) -> dict:
         "steps_per_print": 2**62,  # the loop logs progress itself
         "wall_clock_breakdown": False,
     }
-    if tc.precision == "bf16":
+    if precision == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
                                 "lower_precision_safe_modules": []}
-    elif tc.precision == "fp16":
+    elif precision == "fp16":
         power = math.log2(tc.initial_loss_scale)
         if not power.is_integer():
             raise ValueError(f"train.initial_loss_scale={tc.initial_loss_scale}: DeepSpeed's "
@@ -113,7 +121,8 @@ def _ensure_process_group(info: dist.DistInfo) -> None:
 def wrap_deepspeed(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
                    micro: int, accum: int):
     """A DeepSpeed engine around ``net`` (the same module object) and ``opt`` (ours)."""
-    if cfg.train.precision == "fp16" and info.device.type != "cuda":
+    precision = resolve_precision(cfg.train.precision, info.device)
+    if precision == "fp16" and info.device.type != "cuda":
         raise ValueError(
             "train.precision=fp16 with train.backend=deepspeed needs a GPU: DeepSpeed's CPU "
             "accelerator has no fp16. Use train.precision=bf16 or fp32, or train.backend=ddp "
@@ -124,7 +133,7 @@ def wrap_deepspeed(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.D
 
     # The loop prints what a run needs; keep DeepSpeed's warnings, not its config dump.
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    ds_config = deepspeed_config(cfg, micro, accum, info.world_size)
+    ds_config = deepspeed_config(cfg, micro, accum, info.world_size, precision)
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=ds_config)
     return engine
 
@@ -275,6 +284,39 @@ def check_resume(cfg, meta: dict, world: int) -> None:
 # ----------------------------------------------------------------------------- backends
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it (Ampere and
+    later), or a CPU whose oneDNN has bf16 kernels (AVX-512 BF16 / AMX). Elsewhere bf16
+    convolutions fall back to aten's slow reference loops, many times slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+_WARNED: set[str] = set()  # reasons already warned about in this process
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` with ``auto`` resolved for ``device``: bf16 where it is native
+    (``native_bf16``), fp32 otherwise. An explicit bf16 on a CPU without native bf16 is kept,
+    with one warning per process saying why it will be slow."""
+    device = torch.device(device)
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
+        if "bf16-cpu" not in _WARNED:
+            _WARNED.add("bf16-cpu")
+            warnings.warn(
+                f"train.precision=bf16 on a CPU without native bf16 (capability "
+                f"{torch.backends.cpu.get_cpu_capability()}; oneDNN has no bf16 kernels here): "
+                f"bf16 convolutions fall back to aten's slow loops and a step can take 10-30x "
+                f"as long as in fp32. Use train.precision=auto or fp32.", stacklevel=2)
+    return precision
+
+
 def autocast(precision: str, device: torch.device):
     """The forward pass's autocast for ``train.precision`` (none for fp32)."""
     if precision == "bf16":
@@ -304,7 +346,8 @@ class _Backend:
     """
 
     def __init__(self, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo):
-        self.opt, self.precision, self.device = opt, cfg.train.precision, info.device
+        self.opt, self.device = opt, info.device
+        self.precision = resolve_precision(cfg.train.precision, info.device)
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:  # DeepSpeed's ZeRO optimizers step these same groups
@@ -329,7 +372,7 @@ class DDPBackend(_Backend):
         self.net, self.grad_clip = net, cfg.optim.grad_clip
         self.scaler = (torch.amp.GradScaler(info.device.type,
                                             init_scale=cfg.train.initial_loss_scale)
-                       if cfg.train.precision == "fp16" else None)
+                       if self.precision == "fp16" else None)
         self.wrapped = wrap_ddp(net, info)
 
     def micro_batch(self, m: int, num: int):
