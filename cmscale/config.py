@@ -42,6 +42,8 @@ class DataConfig:
 class NetConfig:
     preset: str = "tiny16"                   # cmscale.networks.unet.PRESETS name
     overrides: dict = field(default_factory=dict)  # UNet kwargs over the preset (e.g. dropout)
+    kernels: str = "auto"                    # auto | triton | torch: fused attention/GroupNorm
+                                             # and average updates (auto: Triton on CUDA)
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -247,6 +249,7 @@ CHOICES = {
     "loss.solver": ("heun", "euler"),
     "optim.name": ("radam", "adam", "adamw"),
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
+    "net.kernels": ("auto", "triton", "torch"),
     "train.backend": ("ddp", "deepspeed"),
     "data.bad_input": ("convert", "skip", "raise"),
     "eval.extractor": ("inception", "digits"),

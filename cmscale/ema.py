@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, kernels
 from .checkpoint import shard_range
 
 
@@ -132,6 +132,29 @@ class ShardedAverage:
             p.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         return into
+
+
+@torch.no_grad()
+def update_averages(target: "ShardedTarget | None", emas, mu: float, params,
+                    kernels_choice: str = "auto") -> None:
+    """The target (rate ``mu``) and every evaluation average updated together from one read
+    of ``params`` (``cmscale.kernels.ema_update``): all are shards of the same network on this
+    rank, so they share one layout."""
+    averages = ([target.avg] if target is not None else []) + list(emas)
+    if not averages:
+        return
+    rates = ([float(mu)] if target is not None else []) + [e.rate for e in emas]
+    for r in rates:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"EMA rate must be in [0, 1), got {r}")
+    first = averages[0]
+    if any(a._plan != first._plan or a.numel != first.numel for a in averages):
+        raise ValueError("averages of different networks or shard layouts")
+    src, dst = first._views(list(params))
+    n = sum(t.numel() for t in dst)
+    kernels.ema_update([a.local[:n] for a in averages], src, rates, kernels_choice)
+    if target is not None:
+        target.release()
 
 
 class ShardedTarget:

@@ -28,7 +28,7 @@ from .atomic import write_json
 from .config import Config, dump_config
 from .data import build_loader
 from .data.embedded import ensure_embedded_shards
-from .ema import ShardedAverage, ShardedTarget, ema_name
+from .ema import ShardedAverage, ShardedTarget, ema_name, update_averages
 from .evaluation import PeriodicEval
 from .imageio import make_grid, save_png
 from .methods import Method, build_method, build_net
@@ -341,11 +341,8 @@ class Trainer:
             self.target.release()  # between steps a rank holds only its shard
         if applied:
             with self.backend.full_parameters() as full:
-                params = list(full.parameters())
-                if self.target is not None:
-                    self.target.update(mu, params)
-                for e in self.emas.values():
-                    e.update(params)
+                update_averages(self.target, list(self.emas.values()), mu, full.parameters(),
+                                self.cfg.net.kernels)
         return float(mean_loss), applied
 
     def run(self) -> int:
