@@ -95,6 +95,8 @@ class TrainConfig:
     initial_loss_scale: float = 2.0**20      # fp16 only, as the reference
     max_nonfinite_steps: int = 20            # consecutive skipped steps before stopping
     backend: str = "ddp"                     # ddp | deepspeed
+    compile: bool = False                    # torch.compile the network's forward (training,
+                                             # samples, FID); pays off on GPUs
     zero_stage: int = 0                      # deepspeed ZeRO stage 1/2/3
     seed: int = 0
 

@@ -181,6 +181,14 @@ class ShardedTarget:
         # Structure only: its parameters live on the meta device and are never used.
         self.skeleton = copy.deepcopy(net).requires_grad_(False).to("meta")
         self._flat: torch.Tensor | None = None
+        self._forward = self._functional
+
+    def _functional(self, params: dict, args, kwargs):
+        return torch.func.functional_call(self.skeleton, params, args, kwargs)
+
+    def compile(self, compiler) -> None:
+        """Run the target's forward through ``compiler(fn)`` (e.g. ``torch.compile``)."""
+        self._forward = compiler(self._functional)
 
     @property
     def local(self) -> torch.Tensor:
@@ -213,7 +221,7 @@ class ShardedTarget:
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         self.skeleton.train(self.net.training)
-        return torch.func.functional_call(self.skeleton, self.parameters_dict(), args, kwargs)
+        return self._forward(self.parameters_dict(), args, kwargs)
 
     @torch.no_grad()
     def gather(self, into: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -32,6 +33,8 @@ __all__ = [
     "ModuleWeights",
     "build_backend",
     "check_resume",
+    "compile_module",
+    "compile_unavailable",
     "deepspeed_config",
     "full_parameters",
     "load_deepspeed",
@@ -317,6 +320,40 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device`` here, or None when it can."""
+    device = torch.device(device)
+    if not torch._dynamo.is_dynamo_supported():
+        return "TorchDynamo does not support this Python or platform"
+    if device.type == "cpu" and not any(shutil.which(c) for c in
+                                        (os.environ.get("CXX", ""), "g++", "clang++") if c):
+        return "inductor's CPU backend needs a C++ compiler (g++ or clang++; none on PATH)"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (inductor's GPU code generator)
+        except ImportError:
+            return "inductor's GPU backend needs triton, which is not installed"
+    return None
+
+
+def compile_module(module, device: torch.device):
+    """``torch.compile(module)`` (a module or function), or ``module`` itself with one warning
+    per process where compilation is unavailable (``compile_unavailable``).
+
+    Shapes are specialised at first and made dynamic on the first change (torch.compile's
+    default), so a new batch size costs one recompile, not one per size. The compiled wrapper
+    is only for calling: checkpoints, averages and exports keep using the plain module."""
+    return torch.compile(module) if _can_compile(device) else module
+
+
+def _can_compile(device: torch.device) -> bool:
+    reason = compile_unavailable(device)
+    if reason is not None and "compile" not in _WARNED:
+        _WARNED.add("compile")
+        warnings.warn(f"train.compile: {reason}; running eagerly", stacklevel=3)
+    return reason is None
+
+
 def autocast(precision: str, device: torch.device):
     """The forward pass's autocast for ``train.precision`` (none for fp32)."""
     if precision == "bf16":
@@ -373,12 +410,15 @@ class DDPBackend(_Backend):
         self.scaler = (torch.amp.GradScaler(info.device.type,
                                             init_scale=cfg.train.initial_loss_scale)
                        if self.precision == "fp16" else None)
-        self.wrapped = wrap_ddp(net, info)
+        self.ddp = wrap_ddp(net, info)
+        # compiled around DDP (DDP's graph splitting at bucket boundaries), never stored
+        self.wrapped = (compile_module(self.ddp, info.device) if cfg.train.compile
+                        else self.ddp)
 
     def micro_batch(self, m: int, num: int):
         # gradients are all-reduced in the backward of the last micro-batch only
-        if m < num - 1 and self.wrapped is not self.net:
-            return self.wrapped.no_sync()
+        if m < num - 1 and self.ddp is not self.net:
+            return self.ddp.no_sync()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -445,6 +485,9 @@ class DeepSpeedBackend(_Backend):
         super().__init__(opt, cfg, info)
         self.engine = wrap_deepspeed(net, opt, cfg, info, micro, accum)
         self.wrapped, self.build_net = self.engine, build_net
+        if cfg.train.compile and _can_compile(info.device):
+            # DeepSpeed compiles its module in place (nn.Module.compile): same parameter names
+            self.engine.compile()
         self.zero_stage = cfg.train.zero_stage
 
     def micro_batch(self, m: int, num: int):

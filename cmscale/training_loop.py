@@ -238,6 +238,8 @@ class Trainer:
         self.saved_step = -1  # the step of the newest checkpoint this process wrote
         self.backend = parallel.build_backend(self.net, self.opt, cfg, self.info, self.micro,
                                               self.accum, lambda: build_net(cfg))
+        if tc.compile and self.target is not None:
+            self.target.compile(lambda fn: parallel.compile_module(fn, self.device))
         self.step = 0
         self.nonfinite = 0  # consecutive skipped steps
         # Reader positions of every stream's workers (replicated in the checkpoint), and the
@@ -462,7 +464,7 @@ class Trainer:
         if self.saved_step != self.step:
             self.save("eval")
         which = cfg.eval.ema or cfg.sample.ema
-        net = self.eval_net(which)
+        net = self.eval_net(which, compiled=cfg.train.compile)
         res = self.evaluator(net)
         nimg = self.step * cfg.train.global_batch
         log.scalars({"step": self.step, "nimg": nimg, **res}, self.step)
@@ -483,8 +485,13 @@ class Trainer:
         dist.barrier()
         return res
 
-    def eval_net(self, name: str = "") -> torch.nn.Module:
-        """A whole network for sampling: an EMA (gathered; collective), or online/target."""
+    def eval_net(self, name: str = "", compiled: bool = False) -> torch.nn.Module:
+        """A whole network for sampling: an EMA (gathered; collective), or online/target;
+        ``compiled``: wrapped by torch.compile (for calling only)."""
+        net = self._eval_net(name)
+        return parallel.compile_module(net, self.device) if compiled else net
+
+    def _eval_net(self, name: str) -> torch.nn.Module:
         name = network_name(name, self.cfg.ema.rates)
         if name == "target" and self.target is not None:
             return self.target.gather(self._blank_net())
@@ -497,7 +504,7 @@ class Trainer:
         return self.backend.blank_network()
 
     def write_samples(self, log: Logger):
-        net = self.eval_net(self.cfg.sample.ema)
+        net = self.eval_net(self.cfg.sample.ema, compiled=self.cfg.train.compile)
         if dist.is_main():
             grid = sample_grid(net, self.method, self.cfg, self.device)
             nimg = self.step * self.cfg.train.global_batch
