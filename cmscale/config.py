@@ -44,6 +44,8 @@ class DataConfig:
 class NetConfig:
     preset: str = "tiny16"                   # cmscale.networks.unet.PRESETS name
     overrides: dict = field(default_factory=dict)  # UNet kwargs over the preset (e.g. dropout)
+    kernels: str = "auto"                    # auto | triton | torch: fused attention/GroupNorm
+                                             # and average updates (auto: Triton on CUDA)
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -111,10 +113,13 @@ class TrainConfig:
     total_steps: int = 1000                  # K, optimizer steps of the global batch
     global_batch: int = 32                   # images per optimizer step, all ranks together
     micro_batch: int = 0                     # images per rank per forward (0 = global/world)
-    precision: str = "fp32"                  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling)
+    precision: str = "fp32"                  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling) |
+                                             # auto (bf16 where the device has it natively)
     initial_loss_scale: float = 2.0**20      # fp16 only, as the reference
     max_nonfinite_steps: int = 20            # consecutive skipped steps before stopping
     backend: str = "ddp"                     # ddp | deepspeed
+    compile: bool = False                    # torch.compile the network's forward (training,
+                                             # samples, FID); pays off on GPUs
     zero_stage: int = 0                      # deepspeed ZeRO stage 1/2/3
     seed: int = 0
     dist_timeout_s: float = 600.0            # a collective waiting longer for a rank (lost node) fails the job
@@ -275,7 +280,8 @@ CHOICES = {
     "loss.lpips_variant": ("reference", "lpips"),
     "net.time_input": ("log_sigma", "t"),
     "optim.name": ("radam", "adam", "adamw"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("fp32", "bf16", "fp16", "auto"),
+    "net.kernels": ("auto", "triton", "torch"),
     "train.backend": ("ddp", "deepspeed"),
     "data.bad_input": ("convert", "skip", "raise"),
     "eval.extractor": ("inception", "digits"),

@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, kernels
 from .checkpoint import shard_range
 
 
@@ -134,6 +134,29 @@ class ShardedAverage:
         return into
 
 
+@torch.no_grad()
+def update_averages(target: "ShardedTarget | None", emas, mu: float, params,
+                    kernels_choice: str = "auto") -> None:
+    """The target (rate ``mu``) and every evaluation average updated together from one read
+    of ``params`` (``cmscale.kernels.ema_update``): all are shards of the same network on this
+    rank, so they share one layout."""
+    averages = ([target.avg] if target is not None else []) + list(emas)
+    if not averages:
+        return
+    rates = ([float(mu)] if target is not None else []) + [e.rate for e in emas]
+    for r in rates:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"EMA rate must be in [0, 1), got {r}")
+    first = averages[0]
+    if any(a._plan != first._plan or a.numel != first.numel for a in averages):
+        raise ValueError("averages of different networks or shard layouts")
+    src, dst = first._views(list(params))
+    n = sum(t.numel() for t in dst)
+    kernels.ema_update([a.local[:n] for a in averages], src, rates, kernels_choice)
+    if target is not None:
+        target.release()
+
+
 class ShardedTarget:
     """The target network of CD/CT, sharded like the evaluation EMAs: 1/W of it per rank.
 
@@ -158,6 +181,14 @@ class ShardedTarget:
         # Structure only: its parameters live on the meta device and are never used.
         self.skeleton = copy.deepcopy(net).requires_grad_(False).to("meta")
         self._flat: torch.Tensor | None = None
+        self._forward = self._functional
+
+    def _functional(self, params: dict, args, kwargs):
+        return torch.func.functional_call(self.skeleton, params, args, kwargs)
+
+    def compile(self, compiler) -> None:
+        """Run the target's forward through ``compiler(fn)`` (e.g. ``torch.compile``)."""
+        self._forward = compiler(self._functional)
 
     @property
     def local(self) -> torch.Tensor:
@@ -190,7 +221,7 @@ class ShardedTarget:
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         self.skeleton.train(self.net.training)
-        return torch.func.functional_call(self.skeleton, self.parameters_dict(), args, kwargs)
+        return self._forward(self.parameters_dict(), args, kwargs)
 
     @torch.no_grad()
     def gather(self, into: nn.Module) -> nn.Module:

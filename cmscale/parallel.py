@@ -17,6 +17,8 @@ import math
 import os
 import resource
 import sys
+import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -34,9 +36,13 @@ __all__ = [
     "ModuleWeights",
     "build_backend",
     "check_resume",
+    "compile_module",
+    "compile_unavailable",
     "deepspeed_config",
     "full_parameters",
     "load_deepspeed",
+    "native_bf16",
+    "resolve_precision",
     "wrap_ddp",
     "wrap_deepspeed",
 ]
@@ -66,14 +72,19 @@ def wrap_ddp(net: nn.Module, info: dist.DistInfo) -> nn.Module:
 # ----------------------------------------------------------------------------- DeepSpeed
 
 
-def deepspeed_config(cfg, micro: int, accum: int, world: int, forward_mode: bool = False) -> dict:
+def deepspeed_config(cfg, micro: int, accum: int, world: int, forward_mode: bool = False,
+                     precision: str | None = None) -> dict:
     """DeepSpeed's config dict for ``cfg`` at ``micro`` images per rank per forward, ``accum``
     micro-batches per step and ``world`` ranks (``training_loop.batch_split`` gives them).
+    ``precision``: the resolved ``train.precision`` (``resolve_precision``; default: as set).
 
     ``forward_mode``: the loss runs forward-mode AD (sCT/sCD's JVP). ZeRO-3 then keeps
     torch's ``F.linear``: its memory-efficient replacement (installed process-wide) is a
     custom autograd function without a forward-mode derivative."""
     tc = cfg.train
+    precision = precision or tc.precision
+    if precision == "auto":
+        raise ValueError("deepspeed_config needs a resolved precision (resolve_precision)")
     ds: dict[str, Any] = {
         "train_batch_size": micro * accum * world,
         "train_micro_batch_size_per_gpu": micro,
@@ -86,10 +97,10 @@ def deepspeed_config(cfg, micro: int, accum: int, world: int, forward_mode: bool
         "steps_per_print": 2**62,  # the loop logs progress itself
         "wall_clock_breakdown": False,
     }
-    if tc.precision == "bf16":
+    if precision == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
                                 "lower_precision_safe_modules": []}
-    elif tc.precision == "fp16":
+    elif precision == "fp16":
         power = math.log2(tc.initial_loss_scale)
         if not power.is_integer():
             raise ValueError(f"train.initial_loss_scale={tc.initial_loss_scale}: DeepSpeed's "
@@ -122,7 +133,8 @@ def _ensure_process_group(info: dist.DistInfo) -> None:
 def wrap_deepspeed(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo,
                    micro: int, accum: int, forward_mode: bool = False):
     """A DeepSpeed engine around ``net`` (the same module object) and ``opt`` (ours)."""
-    if cfg.train.precision == "fp16" and info.device.type != "cuda":
+    precision = resolve_precision(cfg.train.precision, info.device)
+    if precision == "fp16" and info.device.type != "cuda":
         raise ValueError(
             "train.precision=fp16 with train.backend=deepspeed needs a GPU: DeepSpeed's CPU "
             "accelerator has no fp16. Use train.precision=bf16 or fp32, or train.backend=ddp "
@@ -133,7 +145,7 @@ def wrap_deepspeed(net: nn.Module, opt: torch.optim.Optimizer, cfg, info: dist.D
 
     # The loop prints what a run needs; keep DeepSpeed's warnings, not its config dump.
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    ds_config = deepspeed_config(cfg, micro, accum, info.world_size, forward_mode)
+    ds_config = deepspeed_config(cfg, micro, accum, info.world_size, forward_mode, precision)
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=ds_config)
     return engine
 
@@ -284,6 +296,73 @@ def check_resume(cfg, meta: dict, world: int) -> None:
 # ----------------------------------------------------------------------------- backends
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it (Ampere and
+    later), or a CPU whose oneDNN has bf16 kernels (AVX-512 BF16 / AMX). Elsewhere bf16
+    convolutions fall back to aten's slow reference loops, many times slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+_WARNED: set[str] = set()  # reasons already warned about in this process
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` with ``auto`` resolved for ``device``: bf16 where it is native
+    (``native_bf16``), fp32 otherwise. An explicit bf16 on a CPU without native bf16 is kept,
+    with one warning per process saying why it will be slow."""
+    device = torch.device(device)
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
+        if "bf16-cpu" not in _WARNED:
+            _WARNED.add("bf16-cpu")
+            warnings.warn(
+                f"train.precision=bf16 on a CPU without native bf16 (capability "
+                f"{torch.backends.cpu.get_cpu_capability()}; oneDNN has no bf16 kernels here): "
+                f"bf16 convolutions fall back to aten's slow loops and a step can take 10-30x "
+                f"as long as in fp32. Use train.precision=auto or fp32.", stacklevel=2)
+    return precision
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device`` here, or None when it can."""
+    device = torch.device(device)
+    if not torch._dynamo.is_dynamo_supported():
+        return "TorchDynamo does not support this Python or platform"
+    if device.type == "cpu" and not any(shutil.which(c) for c in
+                                        (os.environ.get("CXX", ""), "g++", "clang++") if c):
+        return "inductor's CPU backend needs a C++ compiler (g++ or clang++; none on PATH)"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (inductor's GPU code generator)
+        except ImportError:
+            return "inductor's GPU backend needs triton, which is not installed"
+    return None
+
+
+def compile_module(module, device: torch.device):
+    """``torch.compile(module)`` (a module or function), or ``module`` itself with one warning
+    per process where compilation is unavailable (``compile_unavailable``).
+
+    Shapes are specialised at first and made dynamic on the first change (torch.compile's
+    default), so a new batch size costs one recompile, not one per size. The compiled wrapper
+    is only for calling: checkpoints, averages and exports keep using the plain module."""
+    return torch.compile(module) if _can_compile(device) else module
+
+
+def _can_compile(device: torch.device) -> bool:
+    reason = compile_unavailable(device)
+    if reason is not None and "compile" not in _WARNED:
+        _WARNED.add("compile")
+        warnings.warn(f"train.compile: {reason}; running eagerly", stacklevel=3)
+    return reason is None
+
+
 def autocast(precision: str, device: torch.device):
     """The forward pass's autocast for ``train.precision`` (none for fp32)."""
     if precision == "bf16":
@@ -325,7 +404,8 @@ class _Backend:
     """
 
     def __init__(self, opt: torch.optim.Optimizer, cfg, info: dist.DistInfo):
-        self.opt, self.precision, self.device = opt, cfg.train.precision, info.device
+        self.opt, self.device = opt, info.device
+        self.precision = resolve_precision(cfg.train.precision, info.device)
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:  # DeepSpeed's ZeRO optimizers step these same groups
@@ -340,7 +420,7 @@ class _Backend:
     def meta(self) -> dict:
         return {}
 
-    def loss_scale(self) -> float | None:
+    def current_loss_scale(self) -> float | None:
         """The dynamic fp16 loss scale (None without one)."""
         return None
 
@@ -383,13 +463,16 @@ class DDPBackend(_Backend):
         super().__init__(opt, cfg, info)
         self.net, self.grad_clip = net, cfg.optim.grad_clip
         self.loss_scale = (LossScale(cfg.train.initial_loss_scale)
-                           if cfg.train.precision == "fp16" else None)
-        self.wrapped = wrap_ddp(net, info)
+                           if self.precision == "fp16" else None)
+        self.ddp = wrap_ddp(net, info)
+        # compiled around DDP (DDP's graph splitting at bucket boundaries), never stored
+        self.wrapped = (compile_module(self.ddp, info.device) if cfg.train.compile
+                        else self.ddp)
 
     def micro_batch(self, m: int, num: int):
         # gradients are all-reduced in the backward of the last micro-batch only
-        if m < num - 1 and self.wrapped is not self.net:
-            return self.wrapped.no_sync()
+        if m < num - 1 and self.ddp is not self.net:
+            return self.ddp.no_sync()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -417,8 +500,9 @@ class DDPBackend(_Backend):
     def full_parameters(self):
         return contextlib.nullcontext(self.net)
 
-    def loss_scale(self) -> float | None:
-        return None if self.scaler is None else float(self.scaler.get_scale())
+    def current_loss_scale(self) -> float | None:
+        return None if self.loss_scale is None else float(self.loss_scale.scale)
+
     def stop_gradient_network(self, forward_mode: bool = False) -> nn.Module:
         """The online weights as a plain module, for a target pass under no_grad."""
         return self.net
@@ -457,6 +541,9 @@ class DeepSpeedBackend(_Backend):
         super().__init__(opt, cfg, info)
         self.engine = wrap_deepspeed(net, opt, cfg, info, micro, accum, forward_mode)
         self.wrapped, self.build_net = self.engine, build_net
+        if cfg.train.compile and _can_compile(info.device):
+            # DeepSpeed compiles its module in place (nn.Module.compile): same parameter names
+            self.engine.compile()
         self.zero_stage = cfg.train.zero_stage
         self._whole = None  # ZeRO-3: the whole copy for forward-mode targets
 
@@ -476,7 +563,7 @@ class DeepSpeedBackend(_Backend):
     def full_parameters(self):
         return full_parameters(self.engine)
 
-    def loss_scale(self) -> float | None:
+    def current_loss_scale(self) -> float | None:
         if self.precision != "fp16":
             return None
         opt = self.engine.optimizer  # FP16 and ZeRO optimizers name it differently

@@ -29,7 +29,7 @@ from .atomic import write_json
 from .config import Config, dump_config
 from .data import build_loader
 from .data.embedded import ensure_embedded_shards
-from .ema import ShardedAverage, ShardedTarget, ema_name
+from .ema import ShardedAverage, ShardedTarget, ema_name, update_averages
 from .evaluation import PeriodicEval
 from .imageio import make_grid, save_png
 from .methods import Method, build_method, build_net
@@ -240,6 +240,8 @@ class Trainer:
         self.backend = parallel.build_backend(self.net, self.opt, cfg, self.info, self.micro,
                                               self.accum, lambda: build_net(cfg),
                                               self.method.forward_mode_target)
+        if tc.compile and self.target is not None:
+            self.target.compile(lambda fn: parallel.compile_module(fn, self.device))
         self.step = 0
         self.nonfinite = 0  # consecutive skipped steps
         # Reader positions of every stream's workers (replicated in the checkpoint), and the
@@ -380,11 +382,8 @@ class Trainer:
             self.target.release()  # between steps a rank holds only its shard
         if applied:
             with self.backend.full_parameters() as full:
-                params = list(full.parameters())
-                if self.target is not None:
-                    self.target.update(mu, params)
-                for e in self.emas.values():
-                    e.update(params)
+                update_averages(self.target, list(self.emas.values()), mu, full.parameters(),
+                                self.cfg.net.kernels)
         return float(mean_loss), applied
 
     def run(self) -> int:
@@ -472,7 +471,7 @@ class Trainer:
                        **logs, "lr": learning_rate(cfg, self.step - 1),
                        "img_per_s": (self.step - n_last) * gb / max(dt, 1e-9),
                        **parallel.device_memory(self.device)}
-                scale = self.backend.loss_scale()
+                scale = self.backend.current_loss_scale()
                 if scale is not None:
                     rec["loss_scale"] = scale
                 bad: dict = {}
@@ -510,7 +509,7 @@ class Trainer:
         if self.saved_step != self.step:
             self.save("eval")
         which = cfg.eval.ema or cfg.sample.ema
-        net = self.eval_net(which)
+        net = self.eval_net(which, compiled=cfg.train.compile)
         res = self.evaluator(net)
         nimg = self.step * cfg.train.global_batch
         log.scalars({"step": self.step, "nimg": nimg, **res}, self.step)
@@ -531,8 +530,13 @@ class Trainer:
         dist.barrier()
         return res
 
-    def eval_net(self, name: str = "") -> torch.nn.Module:
-        """A whole network for sampling: an EMA (gathered; collective), or online/target."""
+    def eval_net(self, name: str = "", compiled: bool = False) -> torch.nn.Module:
+        """A whole network for sampling: an EMA (gathered; collective), or online/target;
+        ``compiled``: wrapped by torch.compile (for calling only)."""
+        net = self._eval_net(name)
+        return parallel.compile_module(net, self.device) if compiled else net
+
+    def _eval_net(self, name: str) -> torch.nn.Module:
         name = network_name(name, self.cfg.ema.rates)
         if name == "target" and self.target is not None:
             return self.target.gather(self._blank_net())
@@ -545,7 +549,7 @@ class Trainer:
         return self.backend.blank_network()
 
     def write_samples(self, log: Logger):
-        net = self.eval_net(self.cfg.sample.ema)
+        net = self.eval_net(self.cfg.sample.ema, compiled=self.cfg.train.compile)
         if dist.is_main():
             grid = sample_grid(net, self.method, self.cfg, self.device)
             nimg = self.step * self.cfg.train.global_batch

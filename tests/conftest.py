@@ -18,9 +18,15 @@ Helpers are not tests: they live in the package ``tests/support/`` (``REPO``, ``
 launching, the index-image shards, the shared tiny training run), which test modules import;
 no test module imports another. Data files the tests compare against are in ``tests/fixtures/``.
 """
+import os
+
 import pytest
 
 from tests.support import REPO
+
+# Triton decides at import whether it interprets kernels (CPU) or compiles them, and some test
+# modules import it indirectly at collection (diffusers does): set the interpreter before any.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 MULTIPROCESS = REPO / "tests" / "multiprocess"
 

@@ -25,6 +25,7 @@ import glob
 import io
 import multiprocessing
 import os
+import signal
 import tarfile
 import time
 from contextlib import nullcontext
@@ -48,6 +49,13 @@ _CFG: dict = {}
 def _init(source: Source, cfg: dict):
     global _SRC, _CFG
     _SRC, _CFG = source, cfg
+
+
+def _init_worker(source: Source, cfg: dict):
+    # A forked worker inherits the parent's handlers; a caller that ignores SIGTERM (a training
+    # loop that ran in this process) would make Pool.terminate() wait for it forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init(source, cfg)
 
 
 def _process(ref) -> tuple:
@@ -162,7 +170,8 @@ def make_shards(source, out_dir: str, resolution: int, *, shard_size: int = 1000
     written = 0
     t0 = time.time()
     if workers > 1:
-        pool = multiprocessing.get_context().Pool(workers, initializer=_init, initargs=(src, cfg))
+        pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker,
+                                                  initargs=(src, cfg))
         results = pool.imap(_process, refs, chunksize=16)  # ordered: output independent of workers
     else:
         _init(src, cfg)
@@ -183,6 +192,9 @@ def make_shards(source, out_dir: str, resolution: int, *, shard_size: int = 1000
                     sample["cls"] = str(int(label)).encode("ascii")
                 sink.write(sample)
                 written += 1
+            if workers > 1:  # every result is in: let the workers exit on their own
+                pool.close()
+                pool.join()
         sink.finish()
     except BaseException:
         sink.abort()

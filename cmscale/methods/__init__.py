@@ -29,7 +29,7 @@ def build_method(cfg: Config, device) -> Method:
 def build_net(cfg: Config) -> torch.nn.Module:
     """The plain network: the UNet inside the method's preconditioning (consistency function
     f(x, sigma), or EDM denoiser D(x; sigma))."""
-    raw = create_unet(cfg.net.preset, **cfg.net.overrides)
+    raw = create_unet(cfg.net.preset, **{"kernels": cfg.net.kernels, **cfg.net.overrides})
     method = METHODS[cfg.loss.mode]
     return method.precond(raw, sigma_data=cfg.net.sigma_data, sigma_min=cfg.net.sigma_min,
                           sigma_max=cfg.net.sigma_max, **method.precond_kwargs(cfg))

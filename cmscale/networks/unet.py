@@ -17,6 +17,8 @@ Differences from the reference, on purpose:
 - Attention is `F.scaled_dot_product_attention` with scale 1/sqrt(head_dim), which is what both
   reference paths compute (flash-attn's default scale; the legacy path multiplies q and k by
   head_dim^-1/4 each).
+- Attention and every GroupNorm + (scale-shift) + SiLU go through `cmscale.kernels` (`kernels`:
+  auto | triton | torch): fused Triton kernels on a GPU, the PyTorch ops above otherwise.
 - No gradient-checkpointing flag: activation checkpointing, like parallelism, is applied from
   outside (the blocks are `input_blocks[i]`, `middle_block`, `output_blocks[i]`).
 - 2-D only, and always learned (conv) resampling, as in the reference's `create_model`.
@@ -40,6 +42,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .. import kernels as K
 
 __all__ = [
     "UNet",
@@ -126,6 +130,13 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.to(dtype), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
+def _norm_silu(norm: GroupNorm32, x: torch.Tensor, kernels: str, scale=None,
+               shift=None) -> torch.Tensor:
+    """SiLU(norm(x) * (1 + scale) + shift) in one kernel (``scale``, ``shift``: (B, C) or None)."""
+    return K.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale, shift,
+                             kernels=kernels)
+
+
 def _zero(module: nn.Module) -> nn.Module:
     # Residual branches start at zero so every block is the identity at init (ADM's zero_module).
     for p in module.parameters():
@@ -179,10 +190,12 @@ class ResBlock(nn.Module):
         use_scale_shift_norm: bool = False,
         resample: str | None = None,
         norm_groups: int = 32,
+        kernels: str = "auto",
     ):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.kernels = kernels
         self.resample = resample  # None, "up" or "down": parameter-free, applied mid-block
         self.in_layers = nn.Sequential(
             GroupNorm32(channels, norm_groups), nn.SiLU(),
@@ -204,27 +217,28 @@ class ResBlock(nn.Module):
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        norm, act, conv = self.in_layers
-        h = act(norm(x))
+        norm, _, conv = self.in_layers
+        h = _norm_silu(norm, x, self.kernels)
         # Resample after the activation and before the conv, on both branches (ADM's order).
         h = conv(_resample(h, self.resample))
         x = _resample(x, self.resample)
-        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        emb_out = self.emb_layers(emb).to(h.dtype)
+        norm, _, dropout, conv = self.out_layers
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            h = _norm_silu(norm, h, self.kernels, scale, shift)
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = _norm_silu(norm, h + emb_out[:, :, None, None], self.kernels)
+        return self.skip_connection(x) + conv(dropout(h))
 
 
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over all positions (ADM). Keys: norm, qkv, proj_out."""
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 layout: str = "flash", norm_groups: int = 32):
+                 layout: str = "flash", norm_groups: int = 32, kernels: str = "auto"):
         super().__init__()
+        self.kernels = kernels
         if layout not in ATTENTION_LAYOUTS:
             raise ValueError(f"attention layout must be one of {ATTENTION_LAYOUTS}, got {layout!r}")
         self.num_heads = _heads(channels, num_heads, num_head_channels)
@@ -242,7 +256,8 @@ class AttentionBlock(nn.Module):
         else:  # legacy: channel = (head * 3 + which) * head_dim + d
             q, k, v = qkv.reshape(b, heads, 3, c // heads, length).unbind(2)
         # (b, heads, head_dim, L) -> (b, heads, L, head_dim) for SDPA; default scale 1/sqrt(head_dim).
-        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        a = K.attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2),
+                        kernels=self.kernels)
         # Both reference paths emit channel = head * head_dim + d.
         a = a.transpose(-1, -2).reshape(b, c, height, width)
         return x + self.proj_out(a)
@@ -295,6 +310,8 @@ class UNet(nn.Module):
             frequencies oscillate between neighbouring noise levels.
         norm_groups: GroupNorm groups (32: the reference). Fewer groups let a narrow network
             with an additive time embedding see it.
+        kernels: "auto" | "triton" | "torch": attention and GroupNorm+SiLU implementation
+            (`cmscale.kernels`); the weights and the function are the same.
         allow_time_blind: build even if some ResBlock cannot see the noise level (see
             `time_blind_blocks`); otherwise that is a ValueError.
     """
@@ -319,8 +336,12 @@ class UNet(nn.Module):
         allow_time_blind: bool = False,
         noise_label_scale: float = 1.0,
         norm_groups: int = 32,
+        kernels: str = "auto",
     ):
         super().__init__()
+        if kernels not in K.KERNELS:
+            raise ValueError(f"kernels={kernels!r}: choose one of {list(K.KERNELS)}")
+        self.kernels = kernels
         out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels, self.num_classes = model_channels, num_classes
@@ -344,10 +365,12 @@ class UNet(nn.Module):
         self.label_emb = nn.Embedding(num_classes, emb_dim) if num_classes is not None else None
 
         def res(cin, cout=None, resample=None):
-            return ResBlock(cin, emb_dim, dropout, cout, use_scale_shift_norm, resample, norm_groups)
+            return ResBlock(cin, emb_dim, dropout, cout, use_scale_shift_norm, resample, norm_groups,
+                            kernels)
 
         def attn(ch):
-            return AttentionBlock(ch, num_heads, num_head_channels, attention_layout, norm_groups)
+            return AttentionBlock(ch, num_heads, num_head_channels, attention_layout, norm_groups,
+                                  kernels)
 
         # Encoder. `skips` records the width of every feature map the decoder will concatenate.
         ch = int(channel_mult[0] * model_channels)
@@ -441,7 +464,8 @@ class UNet(nn.Module):
 
         # Last conv in float32 too: the reference casts back to x's dtype before `out`.
         with torch.autocast(x.device.type, enabled=False):
-            return self.out(h.to(self.out[2].weight.dtype))
+            norm, _, conv = self.out
+            return conv(_norm_silu(norm, h.to(conv.weight.dtype), self.kernels))
 
 
 def time_blind_blocks(net: nn.Module) -> list[str]:

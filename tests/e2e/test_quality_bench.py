@@ -59,7 +59,7 @@ def _check_outputs(out: Path, stdout: str, methods):
     for n in ("teacher_many_steps_best", "ct_2_beats_1", "cd_beats_ct_nfe1", "cd_beats_ct_nfe2",
               "cd1_beats_teacher_1_2", "cd_2_beats_1[cd_l2]", "toy_cd_map_err_shrinks",
               "ect_2_beats_1", "ect_beats_ict_nfe1", "ect_beats_ict_nfe2",
-              "ect_beats_ict_nfe2_published_ts"):
+              "ect_beats_ict_nfe2_published_ts",
               "sct_2_beats_1", "scd_2_beats_1", "scd_beats_cd_cm1", "scd_beats_cd_cm2pub",
               "toy_scd_beats_sct"):
         assert n in names
@@ -97,21 +97,34 @@ def _verdict(check, res):
     for r in res["toy"]["rows"]:
         by.setdefault(r["method"], {})[r["steps"]] = r["map_err"]
     name = check["name"]
-    if name == "toy_cd_beats_ct":
-        k = max(set(by["cd"]) & set(by["ct"]))
-        return "PASS" if by["cd"][k] < by["ct"][k] else "FAIL"
+    if "_beats_" in name:  # toy_<a>_beats_<b>: a's map error below b's at the longest run
+        a, b = name[len("toy_"):].split("_beats_")
+        k = max(set(by[a]) & set(by[b]))
+        return "PASS" if by[a][k] < by[b][k] else "FAIL"
     m = name[len("toy_"):-len("_map_err_shrinks")]
     steps = sorted(by[m])
     return "PASS" if by[m][steps[-1]] < by[m][steps[0]] else "FAIL"
 
 
+# Checks the committed figures fail, each stated in the README with its figures. A check that
+# starts passing must leave this list (the test below fails both ways).
+KNOWN_FAILURES = {
+    # ECT at the iCT CIFAR-10 mid level sigma 0.821: 32.1 +- 4.7 vs 30.1 +- 3.9 at one step,
+    # within a sampling std; with the searched mid level two steps do beat one (23.9)
+    "ect_2_beats_1_published_ts",
+}
+
+
 def test_committed_results_pass_every_ordering_check():
     """The committed figures (benchmarks/quality/results) reproduce the paper's ordering: each
-    check's verdict follows from its figures, and every one is PASS."""
+    check's verdict follows from its figures, and every one is PASS but the documented
+    KNOWN_FAILURES."""
     res = json.loads((ROOT / "benchmarks" / "quality" / "results" / "results.json").read_text())
     assert len(res["checks"]) >= 15
     for c in res["checks"]:
-        assert _verdict(c, res) == c["status"] == "PASS", c
+        want = "FAIL" if c["name"] in KNOWN_FAILURES else "PASS"
+        assert _verdict(c, res) == c["status"] == want, c
+    assert KNOWN_FAILURES <= {c["name"] for c in res["checks"]}
 
 
 def test_quality_benchmark_tiny(tmp_path):

@@ -194,3 +194,22 @@ def test_png_encoding_is_lossless_and_jpg_close():
     dec = np.asarray(Image.open(io.BytesIO(encode_image(smooth, "jpg")))).astype(int)
     assert np.abs(dec - smooth).max() <= 8
     assert png_bytes(arr)[:4] == b"\x89PNG"
+
+
+def test_worker_pool_finishes_when_the_caller_ignores_sigterm(tmp_path):
+    """A process that already ran a training loop ignores the stop signals; make_shards' pool
+    workers must still finish (and be stoppable) there, not hang at the end of the pool."""
+    import signal
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    for i in range(40):
+        Image.new("RGB", (20, 20), (i, 100, 0)).save(src / "a" / f"{i}.png")
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        for _ in range(3):  # the hang depended on where the workers were when the pool ended
+            out = tmp_path / f"out{_}"
+            m = make_shards(str(src), str(out), 8, shard_size=16, workers=2, progress=False)
+            assert m["num_samples"] == 40
+    finally:
+        signal.signal(signal.SIGTERM, old)
