@@ -316,6 +316,7 @@ cmscale_main() {
     rm -f "$marker"
 
     if [ "$rc" -eq 0 ]; then
+        rm -f "$run_dir/.requeue-stalls-$job_tag"  # the requeue count of a job that finished
         cmscale_log "trainer finished (exit 0)"
         return 0
     fi

@@ -442,8 +442,8 @@ def test_trainer_target_is_the_ema_of_the_updated_online_net_with_the_same_k(
     t = Trainer(cfg, str(tmp_path / "run"))
     used = []
     loss = t.method.loss
-    monkeypatch.setattr(t.method, "loss", lambda net, target, images, labels, N:
-                        used.append(N) or loss(net, target, images, labels, N))
+    monkeypatch.setattr(t.method, "loss", lambda net, target, images, labels, N, step=0:
+                        used.append(N) or loss(net, target, images, labels, N, step))
     torch.manual_seed(0)
     for k in range(3):
         N, mu = schedules.ct_schedule(k, cfg.train.total_steps, cfg.loss.start_scales,
@@ -477,7 +477,7 @@ def test_ict_trainer_target_is_the_stop_gradient_online_net_with_shared_dropout(
     cfg = load_config(None, TINY + ["data.num_workers=0", "loss.mode=ict",
                                     "loss.metric=pseudo_huber", "net.overrides.dropout=0.3"])
     t = Trainer(cfg, str(tmp_path / "run"))
-    assert t.target is None and t.loss_target is t.net
+    assert t.target is None and t.backend.stop_gradient_network() is t.net
     grads = {}
     step = t.backend.step
 
