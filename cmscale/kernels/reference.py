@@ -48,7 +48,12 @@ def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None,
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 kept (checks)
     w = None if weight is None else weight.to(ct)
     b = None if bias is None else bias.to(ct)
-    h = F.group_norm(x.to(ct), groups, w, b, eps).to(x.dtype)
+    return scale_shift_silu(F.group_norm(x.to(ct), groups, w, b, eps).to(x.dtype), scale, shift)
+
+
+def scale_shift_silu(h: torch.Tensor, scale: torch.Tensor | None = None,
+                     shift: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(h * (1 + scale) + shift) of a normalised ``h``; ``scale``/``shift``: (B, C) or None."""
     if scale is not None:
         h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
     return F.silu(h)

@@ -137,10 +137,7 @@ def _norm_silu(norm: GroupNorm32, x: torch.Tensor, kernels: str, scale=None,
     The PyTorch path calls ``norm`` as a module: module hooks (DeepSpeed ZeRO-3 gathers the
     norm's partitioned weight in them) must see it run."""
     if K.resolve(kernels, x.device) != "triton":
-        h = norm(x)
-        if scale is not None:
-            h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-        return F.silu(h)
+        return K.reference.scale_shift_silu(norm(x), scale, shift)
     return K.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale, shift,
                              kernels=kernels)
 

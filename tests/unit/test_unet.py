@@ -106,6 +106,17 @@ def test_layout_conversion_round_trips(name):
     assert convert_qkv_layout(sd, "flash", "flash", **heads) == sd
 
 
+def _noise_change(net):
+    """Largest output change of a float64 ``net`` with N(0, 0.1) weights when its noise input
+    moves from 1.0 to 1.5 (8 px inputs)."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        return (net(x, torch.full((2,), 1.0, dtype=torch.float64))
+                - net(x, torch.full((2,), 1.5, dtype=torch.float64))).abs().max().item()
+
+
 def _plain_attention(block, x):
     """Softmax attention written out, independent of SDPA, reading qkv in the block's layout."""
     b, c, h, w = x.shape
@@ -240,12 +251,7 @@ def test_time_blind_unet_is_an_error_naming_the_fix():
     # Allowed explicitly it builds, and it is indeed blind to the noise level.
     torch.manual_seed(0)
     net = UNet(**blind, allow_time_blind=True).double().eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.1)
-        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-        change = (net(x, torch.full((2,), 1.0, dtype=torch.float64))
-                  - net(x, torch.full((2,), 1.5, dtype=torch.float64))).abs().max().item()
+    change = _noise_change(net)
     assert change < 1e-6
     from cmscale.networks.unet import time_blind_blocks
 
@@ -291,10 +297,5 @@ def test_norm_groups_gives_a_narrow_additive_network_the_noise_level():
     torch.manual_seed(0)
     net = UNet(**kw).double().eval()
     assert all(m.num_groups == 16 for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.1)
-        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-        change = (net(x, torch.full((2,), 1.0, dtype=torch.float64))
-                  - net(x, torch.full((2,), 1.5, dtype=torch.float64))).abs().max().item()
+    change = _noise_change(net)
     assert change > 1e-3
