@@ -107,12 +107,27 @@ class PackageLPIPS:
         return self.model((a + 1) / 2, (b + 1) / 2, normalize=True).reshape(a.shape[0])
 
 
-def bench_lpips(name: str, overrides: list[str], steps: int, weights: str):
+def ct_trainer(overrides: list[str]):
+    """(cfg, trainer, images): a CT (l2) Trainer of ``overrides`` and one fixed global batch."""
     cfg = load_config(None, ["loss.mode=ct", "loss.metric=l2", "log.tensorboard=false",
                              "log.progress_bar=false", *overrides])
     trainer = Trainer(cfg, run_dir="/tmp/cmscale-bench-unused")
     res, b = cfg.data.resolution, cfg.train.global_batch
     images = torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return cfg, trainer, images
+
+
+def step_at(trainer, images, precision: str):
+    """The trainer's full step on ``images`` with autocast at ``precision``."""
+    def fn():
+        trainer.backend.precision = precision
+        trainer.train_step([(images, None)])
+    return fn
+
+
+def bench_lpips(name: str, overrides: list[str], steps: int, weights: str):
+    cfg, trainer, images = ct_trainer(overrides)
+    res, b = cfg.data.resolution, cfg.train.global_batch
     batches = [(images, None)]
     ours = losses.LPIPS(weights=weights or None, random_backbone=not weights)
     before = losses.LPIPS(weights=weights or None, random_backbone=not weights)
@@ -138,19 +153,10 @@ def bench_lpips(name: str, overrides: list[str], steps: int, weights: str):
 
 def bench_precisions(name: str, overrides: list[str], steps: int, precisions: list[str]):
     """The full step at each precision (one trainer, autocast switched), timed alternately."""
-    cfg = load_config(None, ["loss.mode=ct", "loss.metric=l2", "log.tensorboard=false",
-                             "log.progress_bar=false", *overrides])
-    trainer = Trainer(cfg, run_dir="/tmp/cmscale-bench-unused")
+    cfg, trainer, images = ct_trainer(overrides)
     res, b = cfg.data.resolution, cfg.train.global_batch
-    images = torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
-    def step_at(precision):
-        def fn():
-            trainer.backend.precision = precision
-            trainer.train_step([(images, None)])
-        return fn
-
-    t = timed({p: step_at(p) for p in precisions}, steps)
+    t = timed({p: step_at(trainer, images, p) for p in precisions}, steps)
     print(f"{name}: batch {b} at {res}px, CT step, {torch.get_num_threads()} thread(s); "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
           f"{parallel.native_bf16(trainer.device)}")
@@ -219,21 +225,12 @@ def reference_trainer(ref_dir: str, cfg, overrides_net: dict):
 
 def bench_reference(name: str, overrides: list[str], steps: int, ref_dir: str,
                     precisions: list[str]):
-    cfg = load_config(None, ["loss.mode=ct", "loss.metric=l2", "log.tensorboard=false",
-                             "log.progress_bar=false", *overrides])
-    trainer = Trainer(cfg, run_dir="/tmp/cmscale-bench-unused")
+    cfg, trainer, images = ct_trainer(overrides)
     ref = reference_trainer(ref_dir, cfg, cfg.net.overrides)
     res, b = cfg.data.resolution, cfg.train.global_batch
-    images = torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-    def ours(precision):
-        def fn():
-            trainer.backend.precision = precision
-            trainer.train_step([(images, None)])
-        return fn
 
     fns = {"reference": lambda: ref.run_step(images, {})}
-    fns.update({f"ours_{p}": ours(p) for p in precisions})
+    fns.update({f"ours_{p}": step_at(trainer, images, p) for p in precisions})
     t = timed(fns, steps)
     print(f"{name}: batch {b} at {res}px, CT step, l2, {torch.get_num_threads()} thread(s); "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
