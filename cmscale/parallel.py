@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, kernels
 from .checkpoint import ModelOptimizer
 from .ema import frozen_copy, update_average
 
@@ -337,11 +337,8 @@ def compile_unavailable(device: torch.device) -> str | None:
     if device.type == "cpu" and not any(shutil.which(c) for c in
                                         (os.environ.get("CXX", ""), "g++", "clang++") if c):
         return "inductor's CPU backend needs a C++ compiler (g++ or clang++; none on PATH)"
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401  (inductor's GPU code generator)
-        except ImportError:
-            return "inductor's GPU backend needs triton, which is not installed"
+    if device.type == "cuda" and not kernels.triton_available():  # inductor's GPU code generator
+        return "inductor's GPU backend needs triton, which is not installed"
     return None
 
 

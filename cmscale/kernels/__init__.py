@@ -17,6 +17,7 @@ without it is an error, ``auto`` never picks it there.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -30,6 +31,7 @@ __all__ = ["KERNELS", "attention", "ema_update", "group_norm_silu", "resolve", "
 KERNELS = ("auto", "triton", "torch")
 
 
+@functools.cache  # asked on every kernel call (resolve): look the package up once
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported."""
     return importlib.util.find_spec("triton") is not None
