@@ -357,6 +357,12 @@ def validate(cfg: Config) -> Config:
     if any(not 0 < t < math.pi / 2 for t in times) or any(a <= b for a, b in zip(times, times[1:])):
         raise ConfigError(f"sample.trig_times={cfg.sample.trig_times}: decreasing times in "
                           f"(0, pi/2)")
+    if (cfg.loss.mode in ("sct", "scd") and cfg.train.backend == "deepspeed"
+            and cfg.train.precision == "fp16"):
+        raise ConfigError("train.precision=fp16: DeepSpeed's fp16 keeps the weights in fp16, so "
+                          f"{cfg.loss.mode}'s JVP would run in fp16, whose range its tangent "
+                          "leaves; use bf16, or train.backend=ddp (fp16 autocast: the JVP runs "
+                          "in fp32)")
     if cfg.train.backend == "deepspeed" and cfg.train.zero_stage == 0:
         raise ConfigError("train.zero_stage: the deepspeed backend needs a ZeRO stage 1, 2 or 3")
     ts = [int(t) for t in cfg.sample.ts]

@@ -106,6 +106,9 @@ def to_diffusers_config(kw: dict) -> dict:
     if float(kw["noise_label_scale"]) != 1.0:
         raise ValueError(f"noise_label_scale={kw['noise_label_scale']}: diffusers' UNet2DModel "
                          f"embeds the scheduler's 250 ln(sigma) unscaled; only 1 can be exported")
+    if kw.get("double_norm"):
+        raise ValueError("double_norm=True: diffusers' ResnetBlock2D applies the scale and shift "
+                         "as they come; it has no adaptive double normalisation")
     if kw["learn_sigma"]:
         raise ValueError("learn_sigma=True: diffusers' consistency pipeline reads every output "
                          "channel as the image")

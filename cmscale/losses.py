@@ -385,6 +385,16 @@ class EDMLoss:
         return weight * _mean_flat((denoised.float() - x.float()) ** 2)
 
 
+def _jvp_precision(device: torch.device):
+    """The JVP's precision: the step's, except that fp16 autocast gives way to fp32. The
+    tangent is not loss-scaled, and dF/dt of a network near t = 0 or with large activations
+    leaves fp16's range (max 65504) where bf16's and fp32's 8-bit exponent does not."""
+    if (torch.is_autocast_enabled(device.type)
+            and torch.get_autocast_dtype(device.type) == torch.float16):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class SCMLoss:
     """sCT / sCD (Lu & Song 2025): the continuous-time consistency loss on TrigFlow.
 
@@ -405,7 +415,8 @@ class SCMLoss:
     it is ``-2 g . dF/dtheta / D``, scaled by exp(-w). ``net`` is what the gradient flows through
     (DDP-wrapped); ``target`` the same weights as a plain module, for the JVP; both are
     called with ``trigflow=True, raw=True`` and draw the same dropout masks. The JVP forces
-    PyTorch's math attention (the fused SDPA kernels have no forward-mode derivative on GPU).
+    PyTorch's math attention (the fused SDPA kernels have no forward-mode derivative on GPU)
+    and runs in fp32 under fp16 autocast (``_jvp_precision``).
     """
 
     def __init__(self, teacher=None, sigma_data: float = 0.5, p_mean: float = -0.8,
@@ -443,7 +454,7 @@ class SCMLoss:
         def F_of(x, tt):
             return target(x, tt, class_labels, trigflow=True, raw=True)[0]
 
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _jvp_precision(x_t.device):
             return torch.func.jvp(F_of, (x_t, t),
                                   (cs.reshape((-1,) + (1,) * (x_t.ndim - 1)) * dxdt, cs))
 

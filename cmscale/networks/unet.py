@@ -51,6 +51,7 @@ __all__ = [
     "create_unet",
     "convert_qkv_layout",
     "timestep_embedding",
+    "pixel_norm",
     "time_blind_blocks",
     "ATTENTION_LAYOUTS",
 ]
@@ -142,6 +143,14 @@ def _norm_silu(norm: GroupNorm32, x: torch.Tensor, kernels: str, scale=None,
                              kernels=kernels)
 
 
+def pixel_norm(v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``v`` over its root mean square across channels (dim 1), computed in float32 or wider:
+    every (B, C) row gets unit RMS whatever the embedding's magnitude (the sCM paper's
+    "pnorm")."""
+    w = v.float() if v.element_size() < 4 else v
+    return (w * torch.rsqrt(w.square().mean(dim=1, keepdim=True) + eps)).to(v.dtype)
+
+
 def _zero(module: nn.Module) -> nn.Module:
     # Residual branches start at zero so every block is the identity at init (ADM's zero_module).
     for p in module.parameters():
@@ -196,10 +205,15 @@ class ResBlock(nn.Module):
         resample: str | None = None,
         norm_groups: int = 32,
         kernels: str = "auto",
+        double_norm: bool = False,
     ):
         super().__init__()
         out_channels = out_channels or channels
+        if double_norm and not use_scale_shift_norm:
+            raise ValueError("double_norm normalises the scale and shift of scale-shift "
+                             "normalisation: it needs use_scale_shift_norm=True")
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.double_norm = double_norm
         self.kernels = kernels
         self.resample = resample  # None, "up" or "down": parameter-free, applied mid-block
         self.in_layers = nn.Sequential(
@@ -231,6 +245,8 @@ class ResBlock(nn.Module):
         norm, _, dropout, conv = self.out_layers
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
+            if self.double_norm:  # norm(h) * pnorm(scale) + pnorm(shift)
+                scale, shift = pixel_norm(scale) - 1, pixel_norm(shift)
             h = _norm_silu(norm, h, self.kernels, scale, shift)
         else:
             h = _norm_silu(norm, h + emb_out[:, :, None, None], self.kernels)
@@ -319,6 +335,10 @@ class UNet(nn.Module):
             (`cmscale.kernels`); the weights and the function are the same.
         allow_time_blind: build even if some ResBlock cannot see the noise level (see
             `time_blind_blocks`); otherwise that is a ValueError.
+        double_norm: adaptive double normalisation (Lu & Song 2025, for sCM): every ResBlock's
+            FiLM is `norm(h) * pnorm(scale) + pnorm(shift)`, the scale and shift each divided
+            by their RMS over channels (`pixel_norm`), so the time embedding's magnitude cannot
+            blow up the block (needs use_scale_shift_norm). Same parameters as without it.
     """
 
     def __init__(
@@ -342,6 +362,7 @@ class UNet(nn.Module):
         noise_label_scale: float = 1.0,
         norm_groups: int = 32,
         kernels: str = "auto",
+        double_norm: bool = False,
     ):
         super().__init__()
         if kernels not in K.KERNELS:
@@ -371,7 +392,7 @@ class UNet(nn.Module):
 
         def res(cin, cout=None, resample=None):
             return ResBlock(cin, emb_dim, dropout, cout, use_scale_shift_norm, resample, norm_groups,
-                            kernels)
+                            kernels, double_norm)
 
         def attn(ch):
             return AttentionBlock(ch, num_heads, num_head_channels, attention_layout, norm_groups,

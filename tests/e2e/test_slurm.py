@@ -196,6 +196,46 @@ def test_requeue_bound(tmp_path, slurm_env):
     assert "CMSCALE_MAX_REQUEUES=0); not requeueing" in log.read_text(), info()
 
 
+def test_persistent_failure_is_not_requeued_forever(tmp_path, slurm_env):
+    """A job that stops again and again without writing a newer checkpoint (here: the fake
+    trainer writes none) is requeued CMSCALE_MAX_STALLED_REQUEUES times and then fails, although
+    CMSCALE_MAX_REQUEUES would allow more: a persistent failure must not requeue forever."""
+    env = slurm_env
+    job_id, run_dir, log = _submit_fake(tmp_path, env, CMSCALE_MAX_STALLED_REQUEUES="1",
+                                        CMSCALE_MAX_REQUEUES="10", FAKE_TRAINER_STAGGER_S="0.2",
+                                        FAKE_TRAINER_STOP_RUNS="0,1")
+
+    def info():
+        text = log.read_text() if log.exists() else "(no log)"
+        return f"job {_job(job_id, env)}\nlog:\n{text}\nrun dir: {sorted(os.listdir(run_dir))}"
+
+    try:
+        for restart in (0, 1):
+            _wait(lambda: all((run_dir / f"start-r{restart}-rank{r}.json").exists()
+                              for r in (0, 1)), 40, f"both tasks of run {restart} to start", info)
+            subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, env=env,
+                           timeout=15)
+            if restart == 0:
+                _wait(lambda: (_job(job_id, env).get("JobState") == "PENDING"
+                               and _job(job_id, env).get("Restarts") == "1"),
+                      20, "the first requeue", info)
+                time.sleep(2)  # not in the second the first run ended (see the first test)
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                               check=True, env=env, timeout=15)
+        _wait(lambda: _job(job_id, env).get("JobState") in ("FAILED", "COMPLETED"),
+              20, "the job to end", info)
+        time.sleep(3)  # a wrong second requeue would show by now
+        job = _job(job_id, env)
+        assert job["JobState"] == "FAILED" and job["Restarts"] == "1", info()
+        assert job["ExitCode"] == "75:0", info()
+    finally:
+        if _job(job_id, env).get("JobState") not in (None, "COMPLETED", "FAILED", "CANCELLED"):
+            subprocess.run(["scancel", job_id], env=env, timeout=15)
+    text = log.read_text()
+    assert text.count("requeueing job") == 1, info()
+    assert "2 times in a row (CMSCALE_MAX_STALLED_REQUEUES=1)" in text, info()
+
+
 # ----------------------------------------------------------------------------
 # End to end: sbatch launch/lsun_cat_ct.sh with the real trainer, sized for 2 CPUs
 

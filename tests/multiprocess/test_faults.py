@@ -70,7 +70,7 @@ def test_unusable_run_dir_is_an_error_before_training(tmp_path, cache):
     assert "step=" not in r.stdout and "Traceback" not in r.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_a_run_directory_not_shared_by_the_nodes_is_an_error_before_training(tmp_path, cache):
     # Each rank given a directory of its own, as node-local disks would: rank 1 does not see
     # what rank 0 writes, and both stop before training (a resume would be impossible).
@@ -89,7 +89,7 @@ def test_a_run_directory_not_shared_by_the_nodes_is_an_error_before_training(tmp
         assert "step=" not in out
 
 
-@pytest.mark.slow  # ~25-35 s (four interpreters, a c10d rendezvous) on 2 shared cores
+@pytest.mark.faults  # ~25-35 s (four interpreters, a c10d rendezvous) on 2 shared cores
 def test_two_nodes_on_one_machine_get_node_local_ranks(tmp_path):
     # Two torchrun agents with one process each, rendezvous over c10d: global ranks 0 and 1,
     # and each "node" sees local rank 0 (its first GPU on a real cluster).
@@ -109,7 +109,7 @@ def test_two_nodes_on_one_machine_get_node_local_ranks(tmp_path):
         assert res["sum"] == 3.0 and res["obj"] == {"from": 0}
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, cache):
     common = ["train.total_steps=4", "checkpoint.every_images=16"]
     two_nodes = tmp_path / "nodes"
@@ -156,7 +156,7 @@ def _lose_a_node(tmp_path, cache, how):
 
 @pytest.mark.parametrize("how", [
     signal.SIGKILL,  # the peer's sockets close: the survivor's collective fails at once
-    pytest.param(signal.SIGSTOP, marks=pytest.mark.slow),  # frozen: only the timeout helps
+    pytest.param(signal.SIGSTOP, marks=pytest.mark.faults),  # frozen: only the timeout helps
 ], ids=["killed", "frozen"])
 def test_a_lost_node_ends_the_job_and_a_rerun_resumes(tmp_path, cache, how):
     run, rc, out, took = _lose_a_node(tmp_path, cache, how)
@@ -184,7 +184,7 @@ def test_a_lost_node_ends_the_job_and_a_rerun_resumes(tmp_path, cache, how):
 # Data faults with the real trainer
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_a_shard_list_changed_since_the_save_is_refused_unless_allowed(tmp_path, cache):
     data = write_index_shards(tmp_path / "data", [40, 40], size=16)
     run = tmp_path / "run"
@@ -209,7 +209,7 @@ def test_a_shard_list_changed_since_the_save_is_refused_unless_allowed(tmp_path,
     assert meta["step"] == 4 and meta["data_shards"]["shards"] == 3
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_unreadable_shards_on_one_rank_end_the_job(tmp_path, cache):
     # Rank 1 reads a broken copy of the data (same names and manifest, garbage content), as a
     # node with a bad local copy or mount would: its loader fails, and rank 0, waiting in a

@@ -68,6 +68,7 @@ def test_unet2dmodel_computes_our_unet_and_converts_back(preset, overrides):
 @pytest.mark.parametrize("preset,overrides,option", [
     ("tiny16", {}, "noise_label_scale"),
     ("tiny32", dict(learn_sigma=True), "learn_sigma"),
+    ("tiny32", dict(double_norm=True), "double_norm"),
     ("tiny32", dict(channel_mult=(2, 2)), "channel_mult"),
     ("tiny32", dict(num_head_channels=-1, num_heads=2, channel_mult=(1, 2),
                     attention_resolutions=(32, 16)), "num_heads"),

@@ -27,8 +27,9 @@ def _randomise(net, std=0.05, seed=0):
     return net
 
 
-def _unet(dtype=torch.float32):
-    return _randomise(create_unet("tiny16")).to(dtype)  # attention at 8x8, scale-shift norm
+def _unet(dtype=torch.float32, **overrides):
+    # attention at 8x8, scale-shift norm
+    return _randomise(create_unet("tiny16", **overrides)).to(dtype)
 
 
 # ----------------------------------------------------------------------------- TrigFlow precond
@@ -82,13 +83,14 @@ def test_edm_teacher_is_the_trigflow_network_with_negated_output():
 # ----------------------------------------------------------------------------- the UNet's JVP
 
 
-def test_unet_jvp_equals_reverse_mode_and_central_difference():
-    """F(x, t) of the TrigFlow UNet (attention, GroupNorm32, scale-shift): the JVP along
-    (u, v) equals <w, J (u, v)> by reverse mode and a central difference. float64 throughout
-    (GroupNorm32 and the time embedding keep float64): 1e-9 relative; the difference has
-    O(eps^2) error at eps = 1e-5."""
+@pytest.mark.parametrize("double_norm", [False, True], ids=["adagn", "double_norm"])
+def test_unet_jvp_equals_reverse_mode_and_central_difference(double_norm):
+    """F(x, t) of the TrigFlow UNet (attention, GroupNorm32, scale-shift, with and without
+    adaptive double normalisation): the JVP along (u, v) equals <w, J (u, v)> by reverse mode
+    and a central difference. float64 throughout (GroupNorm32 and the time embedding keep
+    float64): 1e-9 relative; the difference has O(eps^2) error at eps = 1e-5."""
     torch.manual_seed(0)
-    net = TrigFlowPrecond(_unet(torch.float64)).requires_grad_(False)
+    net = TrigFlowPrecond(_unet(torch.float64, double_norm=double_norm)).requires_grad_(False)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     t = torch.tensor([0.4, 1.2], dtype=torch.float64)
     u, v = torch.randn_like(x), torch.tensor([0.8, -0.5], dtype=torch.float64)
@@ -129,6 +131,55 @@ def test_unet_jvp_under_bf16_autocast_matches_fp32():
     assert low.dtype == torch.float32
     rel = (low - ref).norm() / ref.norm()
     assert rel < 0.03, rel
+
+
+def test_double_norm_makes_each_block_blind_to_its_embedding_magnitude():
+    """Adaptive double normalisation: each ResBlock's scale and shift are divided by their RMS
+    over channels, so scaling a block's embedding projection by c > 0 leaves F unchanged (it
+    changes F without the option); the parameters are the same, and it needs scale-shift."""
+    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([-1.0, 2.0])
+    outs = {}
+    for double_norm in (False, True):
+        net = _unet(double_norm=double_norm).eval()
+        with torch.no_grad():
+            before = net(x, labels)
+            for name, p in net.named_parameters():
+                if ".emb_layers." in name:
+                    p.mul_(7.0)
+            outs[double_norm] = (before, net(x, labels))
+    before, after = outs[True]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    before, after = outs[False]
+    assert (after - before).abs().max() > 1e-2
+    plain, double = create_unet("tiny16"), create_unet("tiny16", double_norm=True)
+    assert plain.state_dict().keys() == double.state_dict().keys()
+    with pytest.raises(ValueError, match="use_scale_shift_norm"):
+        create_unet("tiny16", use_scale_shift_norm=False, double_norm=True, allow_time_blind=True)
+
+
+def test_sct_tangent_under_fp16_autocast_is_computed_in_fp32():
+    """Under fp16 autocast (DDP's fp16 step) the loss's JVP leaves fp16 and gives the fp32
+    tangent to float rounding; the same JVP taken in fp16 is off by ~1e-3 relative (and can
+    overflow). DeepSpeed's fp16 (fp16 weights) is refused for sct/scd."""
+    net = TrigFlowPrecond(_unet()).requires_grad_(False)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.4, 1.2])
+    dxdt = torch.randn_like(x)
+    loss = losses.SCMLoss()
+    with torch.no_grad():
+        ref = loss.tangent(net, x, t, dxdt, None)
+        with torch.autocast("cpu", dtype=torch.float16):
+            ours = loss.tangent(net, x, t, dxdt, None)
+            cs = (torch.cos(t) * torch.sin(t))
+
+            def F_of(a, b):
+                return net(a, b, None, trigflow=True, raw=True)[0]
+            half = torch.func.jvp(F_of, (x, t), (cs.reshape(-1, 1, 1, 1) * dxdt, cs))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (half[1] - ref[1]).norm() / ref[1].norm() > 1e-4  # what fp16 would have given
+    with pytest.raises(ConfigError, match="fp16"):
+        load_config(None, ["loss.mode=sct", "train.backend=deepspeed", "train.zero_stage=2",
+                           "train.precision=fp16"])
 
 
 # ----------------------------------------------------------------------------- the loss
