@@ -120,6 +120,8 @@ class TrainConfig:
     backend: str = "ddp"                     # ddp | deepspeed
     compile: bool = False                    # torch.compile the network's forward (training,
                                              # samples, FID); pays off on GPUs
+    compile_backend: str = "inductor"        # torch.compile backend: inductor (code generation)
+                                             # | aot_eager | eager (capture only: debugging)
     zero_stage: int = 0                      # deepspeed ZeRO stage 1/2/3
     seed: int = 0
     dist_timeout_s: float = 600.0            # a collective waiting longer for a rank (lost node) fails the job
@@ -282,6 +284,7 @@ CHOICES = {
     "optim.name": ("radam", "adam", "adamw"),
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "net.kernels": ("auto", "triton", "torch"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "train.backend": ("ddp", "deepspeed"),
     "data.bad_input": ("convert", "skip", "raise"),
     "eval.extractor": ("inception", "digits"),

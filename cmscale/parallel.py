@@ -329,11 +329,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def compile_unavailable(device: torch.device) -> str | None:
-    """Why ``torch.compile`` cannot run on ``device`` here, or None when it can."""
+def compile_unavailable(device: torch.device, backend: str = "inductor") -> str | None:
+    """Why ``torch.compile(backend=backend)`` cannot run on ``device`` here, or None when it
+    can (only inductor generates code: the others need dynamo alone)."""
     device = torch.device(device)
     if not torch._dynamo.is_dynamo_supported():
         return "TorchDynamo does not support this Python or platform"
+    if backend != "inductor":
+        return None
     if device.type == "cpu" and not any(shutil.which(c) for c in
                                         (os.environ.get("CXX", ""), "g++", "clang++") if c):
         return "inductor's CPU backend needs a C++ compiler (g++ or clang++; none on PATH)"
@@ -342,18 +345,18 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def compile_module(module, device: torch.device):
+def compile_module(module, device: torch.device, backend: str = "inductor"):
     """``torch.compile(module)`` (a module or function), or ``module`` itself with one warning
     per process where compilation is unavailable (``compile_unavailable``).
 
     Shapes are specialised at first and made dynamic on the first change (torch.compile's
     default), so a new batch size costs one recompile, not one per size. The compiled wrapper
     is only for calling: checkpoints, averages and exports keep using the plain module."""
-    return torch.compile(module) if _can_compile(device) else module
+    return torch.compile(module, backend=backend) if _can_compile(device, backend) else module
 
 
-def _can_compile(device: torch.device) -> bool:
-    reason = compile_unavailable(device)
+def _can_compile(device: torch.device, backend: str = "inductor") -> bool:
+    reason = compile_unavailable(device, backend)
     if reason is not None and "compile" not in _WARNED:
         _WARNED.add("compile")
         warnings.warn(f"train.compile: {reason}; running eagerly", stacklevel=3)
@@ -463,7 +466,8 @@ class DDPBackend(_Backend):
                            if self.precision == "fp16" else None)
         self.ddp = wrap_ddp(net, info)
         # compiled around DDP (DDP's graph splitting at bucket boundaries), never stored
-        self.wrapped = (compile_module(self.ddp, info.device) if cfg.train.compile
+        self.wrapped = (compile_module(self.ddp, info.device, cfg.train.compile_backend)
+                        if cfg.train.compile
                         else self.ddp)
 
     def micro_batch(self, m: int, num: int):
@@ -538,9 +542,9 @@ class DeepSpeedBackend(_Backend):
         super().__init__(opt, cfg, info)
         self.engine = wrap_deepspeed(net, opt, cfg, info, micro, accum, forward_mode)
         self.wrapped, self.build_net = self.engine, build_net
-        if cfg.train.compile and _can_compile(info.device):
+        if cfg.train.compile and _can_compile(info.device, cfg.train.compile_backend):
             # DeepSpeed compiles its module in place (nn.Module.compile): same parameter names
-            self.engine.compile()
+            self.engine.compile(backend=cfg.train.compile_backend)
         self.zero_stage = cfg.train.zero_stage
         self._whole = None  # ZeRO-3: the whole copy for forward-mode targets
 

@@ -241,7 +241,8 @@ class Trainer:
                                               self.accum, lambda: build_net(cfg),
                                               self.method.forward_mode_target)
         if tc.compile and self.target is not None:
-            self.target.compile(lambda fn: parallel.compile_module(fn, self.device))
+            self.target.compile(lambda fn: parallel.compile_module(fn, self.device,
+                                                                  cfg.train.compile_backend))
         self.step = 0
         self.nonfinite = 0  # consecutive skipped steps
         # Reader positions of every stream's workers (replicated in the checkpoint), and the
@@ -499,6 +500,11 @@ class Trainer:
         self.write_samples(log)
         if self.evaluator is not None:
             self.evaluate(log)
+        if tc.compile:
+            stats = torch._dynamo.utils.counters["stats"]
+            dist.print0(f"train.compile ({tc.compile_backend}): {stats['unique_graphs']} graphs "
+                        f"compiled, {sum(torch._dynamo.utils.counters['graph_break'].values())} "
+                        f"graph breaks")
         return 0
 
     def evaluate(self, log: Logger) -> dict:
@@ -534,7 +540,8 @@ class Trainer:
         """A whole network for sampling: an EMA (gathered; collective), or online/target;
         ``compiled``: wrapped by torch.compile (for calling only)."""
         net = self._eval_net(name)
-        return parallel.compile_module(net, self.device) if compiled else net
+        return (parallel.compile_module(net, self.device, self.cfg.train.compile_backend) if compiled
+                else net)
 
     def _eval_net(self, name: str) -> torch.nn.Module:
         name = network_name(name, self.cfg.ema.rates)

@@ -26,7 +26,7 @@ def eager_dynamo(monkeypatch):
 
     def fake(module, **kw):
         calls.append(module)
-        return real(module, backend="eager", **kw)
+        return real(module, **dict(kw, backend="eager"))
 
     monkeypatch.setattr(torch, "compile", fake)
     torch._dynamo.reset()
@@ -36,7 +36,7 @@ def eager_dynamo(monkeypatch):
 
 def test_compile_unavailable_warns_once_and_runs_eagerly(monkeypatch):
     monkeypatch.setattr(parallel, "_WARNED", set())
-    monkeypatch.setattr(parallel, "compile_unavailable", lambda device: "no C++ compiler")
+    monkeypatch.setattr(parallel, "compile_unavailable", lambda device, backend: "no C++ compiler")
     net = torch.nn.Linear(2, 2)
     with pytest.warns(UserWarning, match="train.compile: no C\\+\\+ compiler; running eagerly") as rec:
         assert parallel.compile_module(net, CPU) is net
