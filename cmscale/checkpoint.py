@@ -696,8 +696,8 @@ def load(path: str | os.PathLike, state: dict[str, Any], *, strict: bool = True,
         raise ValueError(
             f"checkpoint {path} holds tensors of another shape than the network this run "
             f"builds ({detail.strip()}): net.preset, net.overrides or data.channels differ from "
-            f"the ones it was written with, or the preset changed between cmscale versions (tiny16 has used "
-            f"scale-shift normalisation since 0.2: for an older run add "
+            f"the ones it was written with, or the preset changed between cmscale versions "
+            f"(tiny16 has used scale-shift normalisation since 0.2: for an older run add "
             f"net.overrides.use_scale_shift_norm=false and net.overrides.allow_time_blind=true "
             f"to its config.yaml)") from None
     _fill(state, dcp_state)

@@ -445,7 +445,8 @@ def run(args) -> int:
     else:
         y = load_image(args.image, res, mode=mode).to(device)
         if args.task == "inpaint":
-            keep = (load_image(args.mask, res, mode="L", mask=True) >= 0.0).to(device)  # >= 128 of 255
+            keep = load_image(args.mask, res, mode="L", mask=True) >= 0.0  # >= 128 of 255
+            keep = keep.to(device)
             replace = Inpaint(y, keep)
             start = shown = replace.start()
         elif args.task == "colorize":

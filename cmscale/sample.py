@@ -137,7 +137,8 @@ def image_labels(seed: int, indices: Sequence[int], num_classes: int | None,
 
 
 def from_uint8(u: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1] (exact inverse of cmscale.imageio.to_uint8)."""
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1] (exact inverse of
+    cmscale.imageio.to_uint8)."""
     return torch.from_numpy(np.array(u, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 

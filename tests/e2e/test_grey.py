@@ -37,7 +37,8 @@ def rgb(path) -> np.ndarray:
 
 def assert_grey(a: np.ndarray, what):
     """R == G == B everywhere, and not one flat value (something was drawn)."""
-    assert a.shape[-1] == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all(), what
+    assert a.shape[-1] == 3, what
+    assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all(), what
     assert a.std() > 1, what
 
 

@@ -246,7 +246,8 @@ def test_grey_loader_gives_pils_luminance_in_one_channel(tmp_path):
     DataLoader workers' shared buffers as in process; tied channels keep their values."""
     from cmscale.data.loader import to_grey
 
-    rgb = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=g)
     pil = np.stack([np.asarray(Image.fromarray(a.numpy(), "RGB").convert("L")) for a in rgb])
     assert torch.equal(to_grey(rgb)[..., 0], torch.from_numpy(pil))
     tied = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1).expand(1, 16, 16, 3)
