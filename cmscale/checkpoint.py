@@ -695,9 +695,9 @@ def load(path: str | os.PathLike, state: dict[str, Any], *, strict: bool = True,
         detail = next(line for line in str(e).splitlines() if "Size mismatch" in line)
         raise ValueError(
             f"checkpoint {path} holds tensors of another shape than the network this run "
-            f"builds ({detail.strip()}): net.preset or net.overrides differ from the ones it was "
-            f"written with, or the preset changed between cmscale versions (tiny16 has used "
-            f"scale-shift normalisation since 0.2: for an older run add "
+            f"builds ({detail.strip()}): net.preset, net.overrides or data.channels differ from "
+            f"the ones it was written with, or the preset changed between cmscale versions "
+            f"(tiny16 has used scale-shift normalisation since 0.2: for an older run add "
             f"net.overrides.use_scale_shift_norm=false and net.overrides.allow_time_blind=true "
             f"to its config.yaml)") from None
     _fill(state, dcp_state)

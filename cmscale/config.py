@@ -30,6 +30,10 @@ class ConfigError(ValueError):
 class DataConfig:
     shards: str = "embedded:sklearn:digits"  # shard pattern/dir/pipe: URL, or embedded:<name>
     resolution: int = 16                     # image side the network sees
+    # Image channels: 3 (RGB) or 1 (grey: the loader reduces each image to its luminance, as
+    # PIL's convert("L"), and the UNet gets in_channels 1, written into net.overrides, so
+    # samples, checkpoints and exports are grey too).
+    channels: int = 3
     class_cond: bool = False                 # feed labels (data must carry them)
     num_workers: int = 1                     # DataLoader workers per rank
     random_flip: bool = True                 # horizontal flips (seeded per sample)
@@ -291,6 +295,19 @@ CHOICES = {
 }
 
 
+def _net_channels(cfg: Config) -> None:
+    """The UNet's image channels follow data.channels: a grey run writes in_channels 1 into
+    net.overrides (what builds the network, its teacher and its exports); an explicit
+    in_channels or out_channels that disagrees is an error."""
+    ov = cfg.net.overrides
+    for key in ("in_channels", "out_channels"):
+        if ov.get(key) is not None and ov[key] != cfg.data.channels:
+            raise ConfigError(f"net.overrides.{key}={ov[key]!r}: the data has "
+                              f"data.channels={cfg.data.channels}; set data.channels instead")
+    if cfg.data.channels != 3 and "in_channels" not in ov:
+        cfg.net.overrides = {**ov, "in_channels": cfg.data.channels}
+
+
 def validate(cfg: Config) -> Config:
     """Check values that types alone do not; raise ConfigError naming the key."""
     for key, allowed in CHOICES.items():
@@ -308,6 +325,7 @@ def validate(cfg: Config) -> Config:
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("data.resolution", cfg.data.resolution > 0, "must be > 0"),
+        ("data.channels", cfg.data.channels in (1, 3), "must be 1 or 3 (grey or RGB)"),
         ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
         ("data.streams", cfg.data.streams >= 0, "must be >= 0"),
         ("net.sigma_min", 0 < cfg.net.sigma_min < cfg.net.sigma_max, "need 0 < min < max"),
@@ -338,6 +356,7 @@ def validate(cfg: Config) -> Config:
         if not ok:
             section, name = key.split(".")
             raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r}: {why}")
+    _net_channels(cfg)
     if cfg.loss.mode in ("cd", "scd") and not cfg.loss.teacher:
         raise ConfigError(f"loss.teacher: {cfg.loss.mode} needs a teacher checkpoint "
                           f"(loss.teacher=PATH)")

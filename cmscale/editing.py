@@ -50,6 +50,9 @@ Tasks (what is kept exactly, in float32, in the output):
   ``linspace(0, 1, num)``, where z_a, z_b are the noises of image 0 under ``--seed-a`` and
   ``--seed-b``; the ends are exactly ``cmscale sample --seed A/B``'s first image.
 
+A one-channel (grey) network reads its input images as grey (PIL's convert("L")) and writes
+R = G = B PNGs; ``colorize`` needs a colour (three-channel) network and refuses a grey one.
+
 One departure from the reference, so that the known part survives the final conversion to
 pixels: the reference clamps f before the replacement, and the replacement can then leave
 [-1, 1] (a pale pixel given a strong colour, a patch mean near white given texture); the
@@ -256,9 +259,10 @@ def interpolate(net: Callable, z_a: torch.Tensor, z_b: torch.Tensor, num: int, c
 # ----------------------------------------------------------------------------- image files
 
 
-def load_image(path: str, size: int | None = None, *, mode: str = "RGB") -> torch.Tensor:
-    """An image file as (1, C, H, W) float in [-1, 1]; resized (centre crop + Lanczos,
-    nearest for masks) when ``size`` is given and differs."""
+def load_image(path: str, size: int | None = None, *, mode: str = "RGB",
+               mask: bool = False) -> torch.Tensor:
+    """An image file in PIL ``mode`` (RGB, or L: grey) as (1, C, H, W) float in [-1, 1];
+    resized (centre crop + Lanczos, nearest for a ``mask``) when ``size`` is given and differs."""
     from PIL import Image
 
     img = Image.open(path).convert(mode)
@@ -267,7 +271,7 @@ def load_image(path: str, size: int | None = None, *, mode: str = "RGB") -> torc
         side = min(w, h)
         img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side,
                         (h - side) // 2 + side))
-        img = img.resize((size, size), Image.NEAREST if mode == "L" else Image.LANCZOS)
+        img = img.resize((size, size), Image.NEAREST if mask else Image.LANCZOS)
         print(f"note: {path} resized from {w}x{h} to {size}x{size}", file=sys.stderr)
     a = np.asarray(img, dtype=np.uint8)
     if a.ndim == 2:
@@ -395,6 +399,10 @@ def run(args) -> int:
     net = net.to(device).requires_grad_(False)
     raw = net.model
     res, ch = raw.image_size, raw.in_channels
+    if args.task == "colorize" and ch != 3:
+        raise ValueError(f"colorize needs a colour network (3 channels); this one has {ch} "
+                         f"(grey)")
+    mode = "L" if ch == 1 else "RGB"  # what the network's images are
     smin, smax = float(info["sigma_min"]), float(info["sigma_max"])
     shaped = FixedShapeNet(net, 1 if args.batch_invariant else min(args.batch_size, args.num))
     indices = range(args.num)
@@ -423,21 +431,22 @@ def run(args) -> int:
     replace, add_noise = None, True
 
     if args.task == "superres":
-        img = load_image(args.image)
+        img = load_image(args.image, mode=mode)
         if img.shape[-1] * args.factor == res and img.shape[-2] * args.factor == res:
             low = img
         else:
             if img.shape[-2:] != (res, res):
-                img = load_image(args.image, res)
+                img = load_image(args.image, res, mode=mode)
             if res % args.factor:
                 raise ValueError(f"--factor {args.factor} does not divide resolution {res}")
             low = patch_means(img, args.factor)
         replace = SuperRes(low.to(device), args.factor)
         start = shown = replace.start()
     else:
-        y = load_image(args.image, res).to(device)
+        y = load_image(args.image, res, mode=mode).to(device)
         if args.task == "inpaint":
-            keep = (load_image(args.mask, res, mode="L") >= 0.0).to(device)  # >= 128 of 255
+            keep = load_image(args.mask, res, mode="L", mask=True) >= 0.0  # >= 128 of 255
+            keep = keep.to(device)
             replace = Inpaint(y, keep)
             start = shown = replace.start()
         elif args.task == "colorize":

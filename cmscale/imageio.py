@@ -47,11 +47,15 @@ def _quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 def make_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] (clamped) -> uint8 (3, rows*(H+pad), cols*(W+pad)) square-ish grid."""
+    """(B, 3, H, W) in [-1, 1] (clamped) -> uint8 (3, rows*(H+pad), cols*(W+pad)) square-ish grid.
+
+    (B, 1, H, W) is replicated to 3 channels, as in ``to_uint8``: a grey grid is R = G = B."""
     b, c, h, w = images.shape
+    if c not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels (NCHW), got {tuple(images.shape)}")
     cols = math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
-    out = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    out = torch.full((3, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
     img = _quantize(images.cpu())
     for i in range(b):
         r, q = divmod(i, cols)

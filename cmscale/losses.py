@@ -160,6 +160,8 @@ def lpips_distance(model, a: torch.Tensor, b: torch.Tensor,
     runs the VGG under bf16 autocast (an option: it changes the value beyond rounding)."""
     n = a.shape[0]
     x = torch.cat([a, b.detach()])
+    if x.shape[1] == 1:  # grey images: the VGG sees R = G = B
+        x = x.expand(-1, 3, -1, -1)
     if x.shape[-1] < 256:
         x = F.interpolate(x, size=224, mode="bilinear", align_corners=False)
     x = (2 * ((x + 1) / 2) - 1).contiguous(memory_format=torch.channels_last)  # normalize=True

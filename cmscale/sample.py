@@ -32,6 +32,9 @@ Outputs, all written atomically (temporary name, then ``os.replace``):
   in memory, with fixed zip timestamps so that equal images give equal bytes;
 - ``OUT/grid.png`` the first (up to) 64 images; ``OUT/sample.json`` the settings.
 
+A one-channel (grey) network's images are written as RGB with R = G = B (``to_uint8``), so the
+files have the same layout as any other and every FID tool reads them.
+
 Pixels are ``round((x + 1) * 127.5)`` (the reference truncates instead; 0.5 level darker).
 
 Files do not depend on the world size, and with ``--batch-invariant`` not on the batch size
@@ -134,7 +137,8 @@ def image_labels(seed: int, indices: Sequence[int], num_classes: int | None,
 
 
 def from_uint8(u: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] (exact inverse of cmscale.imageio.to_uint8)."""
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1] (exact inverse of
+    cmscale.imageio.to_uint8)."""
     return torch.from_numpy(np.array(u, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -315,7 +319,7 @@ def run(args, net, info: dict, d) -> None:
                   f"from an earlier run (left alone)", file=sys.stderr)
 
     mine = list(range(rank, args.num, world))
-    part = np.zeros((len(mine), res, res, channels), np.uint8)
+    part = np.zeros((len(mine), res, res, 3), np.uint8)  # grey: replicated by to_uint8
     for start in range(0, len(mine), args.batch_size):
         chunk = mine[start:start + args.batch_size]
         noise = PerImageNoise(args.seed, chunk, (channels, res, res), device=device)
@@ -331,7 +335,7 @@ def run(args, net, info: dict, d) -> None:
     dist.barrier()
     if rank == 0:
         labels = image_labels(args.seed, range(args.num), num_classes, fixed)
-        path = _assemble(args.out, args.num, world, (res, res, channels), labels)
+        path = _assemble(args.out, args.num, world, (res, res, 3), labels)
         settings = dict(checkpoint={k: info[k] for k in RECORD_KEYS if k in info},
                         num=args.num, seed=args.seed, resolution=res, class_label=fixed,
                         class_conditional=bool(num_classes), **sampler.describe(**grid))

@@ -97,6 +97,7 @@ def build_data(cfg: Config, info: dist.DistInfo, streams: int, nimg: int,
         world_size=streams, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
         start_images=nimg, resolution=cfg.data.resolution, class_cond=cfg.data.class_cond,
         random_flip=cfg.data.random_flip, bad_input=cfg.data.bad_input,
+        channels=cfg.data.channels,
         # on an accelerator the workers deliver uint8 and the device flips and converts
         device=device)
         for s in range(info.rank * k, (info.rank + 1) * k)]
@@ -194,7 +195,8 @@ def sample_grid(net, method: Method, cfg: Config, device, n: int | None = None) 
     grid = dict(sigma_min=cfg.net.sigma_min, sigma_max=cfg.net.sigma_max, rho=cfg.net.rho)
     was_training = net.training
     net.eval()
-    panels = [s.run(net, PerImageNoise(cfg.sample.seed, range(n), (3, res, res), device=device),
+    shape = (cfg.data.channels, res, res)
+    panels = [s.run(net, PerImageNoise(cfg.sample.seed, range(n), shape, device=device),
                     net_labels, **grid) for s in method.preview()]
     net.train(was_training)
     return torch.cat([make_grid(p) for p in panels], dim=2)

@@ -7,7 +7,8 @@ Uses ``cmscale edit`` itself: the inputs (a digit, a mask hiding its right half,
 means, a two-level blocky "stroke painting" of it, the digit itself for denoising with exact
 Gaussian noise) are written to ``OUT/inputs/``, each task's outputs to ``OUT/<task>/`` and all
 side-by-side strips (input | ``--num`` variants) stacked into ``OUT/overview.png``. The
-network must work at the digits' resolution (``--resolution``, default: the network's).
+network must work at the digits' resolution (``--resolution``, default: the network's). A
+grey (one-channel) network skips colorization.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     net, info = load_network(args.checkpoint, args.ema, args.preset)
-    res = net.model.image_size
+    res, grey = net.model.image_size, net.model.in_channels == 1
     del net
     out = Path(args.out)
     inputs = make_inputs(out / "inputs", res, args.factor)
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
                     "--add-noise"],
         "interpolate": ["--seed-a", str(args.seed), "--seed-b", str(args.seed + 1)],
     }
+    if grey:
+        del tasks["colorize"]  # a grey (one-channel) network has no colour to give
     strips = []
     for task, extra in tasks.items():
         num = max(args.num, 5) if task == "interpolate" else args.num

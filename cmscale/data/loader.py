@@ -32,7 +32,8 @@ copy, or float [-1, 1] converted one image at a time (`to_unit_range`, so that e
 float copy stays in cache). With an accelerator `device` the consumer copies the uint8 batch there
 (4x fewer bytes than float) and mirrors and converts there, where it is cheap (the float
 values are the reference's on every device). Flip bits are a hash of (seed, epoch, sample
-index): no RNG state.
+index): no RNG state. With `channels=1` the consumer reduces the uint8 RGB batch to one grey
+channel first (`to_grey`: PIL's convert("L") bit for bit; tied channels keep their value).
 
 Bad input (`bad_input` = "convert" | "skip" | "raise"): see the table in `cmscale.data.images`
 and `cmscale.data.reader`. Skips and conversions are counted per kind in `bad_input_counts`
@@ -269,15 +270,20 @@ class _SlotDataset(IterableDataset):
 class ShardLoader:
     """Infinite iterable of (images, labels) for one rank; see the module docstring.
 
-    images: (b, 3, R, R) float32 in [-1, 1] (or `dtype`); labels: int64 (b,) when class_cond,
+    images: (b, C, R, R) float32 in [-1, 1] (or `dtype`), C = `channels` (3, or 1: grey);
+    labels: int64 (b,) when class_cond,
     else None. Each `iter()` continues from the current position (images_seen / state).
     """
 
     def __init__(self, shard_set: ShardSet, layout: Layout, *, rank: int, resolution: int,
                  class_cond: bool, random_flip: bool, bad_input: str, num_workers: int,
-                 start_images: int, device=None, dtype=torch.float32, prefetch_factor: int = 2):
+                 start_images: int, device=None, dtype=torch.float32, prefetch_factor: int = 2,
+                 channels: int = 3):
         if not 0 <= rank < layout.world_size:
             raise ValueError(f"rank {rank} not in [0, {layout.world_size})")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+        self.channels = channels
         self.shard_set, self.layout, self.rank = shard_set, layout, rank
         self.resolution, self.class_cond, self.random_flip = resolution, class_cond, random_flip
         self.bad_input = check_policy(bad_input)
@@ -406,10 +412,21 @@ class ShardLoader:
 
     def _convert(self, images: torch.Tensor, copy: bool) -> torch.Tensor:
         """uint8 NHWC -> NCHW: float in [-1, 1] (contiguous), or a uint8 NCHW view (of a copy)."""
+        if self.channels == 1:
+            images, copy = to_grey(images), False  # a new tensor: no copy needed
         x = images.permute(0, 3, 1, 2)
         if self.dtype == torch.uint8:
             return x.clone() if copy else x
         return to_unit_range(x).to(self.dtype)
+
+
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (..., 3) -> uint8 grey (..., 1): PIL's convert("L") bit for bit, the ITU-R
+    601-2 luminance in 16-bit fixed point, rounded. The weights sum to 2^16, so an image whose
+    channels are tied (a grey image stored as RGB) keeps its values exactly."""
+    rgb = images.to(torch.int32)
+    luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+    return luma.to(torch.uint8).unsqueeze(-1)
 
 
 _UNIT_TABLE = torch.arange(256, dtype=torch.float32).div_(127.5).sub_(1.0)  # on the CPU: exact division
@@ -445,7 +462,8 @@ def build_loader(shards, *, batch_size_per_rank: int, rank: int = 0, world_size:
                  resolution: int | None = None, class_cond: bool = False,
                  random_flip: bool = True, bad_input: str = "skip", manifest: str | None = None,
                  shuffle_block: int = 1000, state: dict | None = None, device=None,
-                 dtype: torch.dtype = torch.float32, prefetch_factor: int = 2) -> ShardLoader:
+                 dtype: torch.dtype = torch.float32, prefetch_factor: int = 2,
+                 channels: int = 3) -> ShardLoader:
     """Build one rank's infinite loader over WebDataset shards (see the module docstring).
 
     shards: path, directory, brace pattern, glob, `pipe:` URL, or a list of them
@@ -457,6 +475,7 @@ def build_loader(shards, *, batch_size_per_rank: int, rank: int = 0, world_size:
         with a CPU device, the workers mirror and this process converts). dtype: float32 (default) or
         another float type for [-1, 1] contiguous NCHW; torch.uint8 for the raw 0..255 NCHW view
         (a permuted NHWC tensor) to convert yourself.
+    channels: 3 (RGB) or 1 (each image reduced to grey by `to_grey`).
     """
     check_policy(bad_input)
     shard_set = load_shard_set(shards, manifest=manifest)
@@ -469,7 +488,7 @@ def build_loader(shards, *, batch_size_per_rank: int, rank: int = 0, world_size:
     loader = ShardLoader(shard_set, layout, rank=rank, resolution=int(resolution),
                          class_cond=class_cond, random_flip=random_flip, bad_input=bad_input,
                          num_workers=num_workers, start_images=start_images, device=device,
-                         dtype=dtype, prefetch_factor=prefetch_factor)
+                         dtype=dtype, prefetch_factor=prefetch_factor, channels=channels)
     for url in shard_set.truncated or ():
         # Found while counting a shard without manifest entry: the plan stops before the cut.
         if bad_input == "raise":

@@ -88,10 +88,36 @@ def test_reference_hyperparameters():
     ("loss.mode=ect", "loss.teacher: ECT tunes a pretrained EDM denoiser"),
     ("loss.ect_q=1", "loss.ect_q=1.0: must be > 1"),
     ("loss.ect_weighting=uniform", "loss.ect_weighting='uniform'"),
+    ("data.channels=2", "data.channels=2: must be 1 or 3"),
+    ("data.channels=0", "data.channels=0: must be 1 or 3"),
+    ("net.overrides.in_channels=3", "net.overrides.in_channels=3: the data has data.channels=1"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         cfg("quickstart", override)
+
+
+def test_grey_data_gives_the_network_one_channel_and_round_trips(tmp_path):
+    c = load_config(None, ["data.channels=1"])
+    assert c.net.overrides["in_channels"] == 1  # what builds the network, teacher and exports
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(c))
+    assert load_config(str(path)).to_dict() == c.to_dict()
+    assert load_config(None, []).net.overrides.get("in_channels") is None  # RGB: as before
+    for key in ("in_channels", "out_channels"):  # disagreeing explicit values
+        with pytest.raises(ConfigError, match=f"net.overrides.{key}=3: the data has "
+                                              f"data.channels=1; set data.channels instead"):
+            load_config(None, ["data.channels=1", f"net.overrides.{key}=3"])
+        with pytest.raises(ConfigError, match=f"net.overrides.{key}=1: the data has "
+                                              f"data.channels=3"):
+            load_config(None, [f"net.overrides.{key}=1"])
+
+
+def test_the_quickstarts_are_grey_and_cd_distils_on_18_levels():
+    teacher, cd = cfg("quickstart_teacher"), cfg("quickstart_cd")
+    for c in (teacher, cd, cfg("quickstart")):
+        assert (c.data.channels, c.net.overrides["in_channels"]) == (1, 1)
+    assert (cd.loss.num_scales, cd.sample.ts, cd.sample.steps) == (18, [0, 9, 17], 18)
 
 
 def test_overrides_reach_nested_fields():

@@ -241,6 +241,30 @@ def test_output_dtypes_device_and_batches_kept_by_the_caller(tmp_path):
     assert xb.dtype == torch.bfloat16 and torch.equal(xb, floats[0][0].to(torch.bfloat16))
 
 
+def test_grey_loader_gives_pils_luminance_in_one_channel(tmp_path):
+    """channels=1: the batch is the RGB batch reduced as PIL's convert("L") (bit for bit), in
+    DataLoader workers' shared buffers as in process; tied channels keep their values."""
+    from cmscale.data.loader import to_grey
+
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=g)
+    pil = np.stack([np.asarray(Image.fromarray(a.numpy(), "RGB").convert("L")) for a in rgb])
+    assert torch.equal(to_grey(rgb)[..., 0], torch.from_numpy(pil))
+    tied = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1).expand(1, 16, 16, 3)
+    assert torch.equal(to_grey(tied), tied[..., :1])
+    root = write_index_shards(tmp_path, [20, 12])
+    for workers in (0, 2):
+        kw = dict(batch_size_per_rank=4, seed=1, num_workers=workers, dtype=torch.uint8)
+        for (colour, yc), (grey, yg) in zip(take(build_loader(root, **kw), 3),
+                                            take(build_loader(root, channels=1, **kw), 3)):
+            assert grey.shape == (4, 1, 8, 8) and yc is None and yg is None
+            assert torch.equal(grey, to_grey(colour.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    (x, _), = take(build_loader(root, batch_size_per_rank=4, channels=1), 1)
+    assert x.shape == (4, 1, 8, 8) and x.dtype == torch.float32
+    with pytest.raises(ValueError, match="channels must be 1 \\(grey\\) or 3"):
+        build_loader(root, batch_size_per_rank=4, channels=2)
+
+
 def test_float_conversion_is_the_references_on_every_device_path():
     """float32(x) / 127.5 - 1 for all 256 values, from the NCHW view of an NHWC batch: the CPU
     arithmetic and the table gather used on accelerators (where dividing by a Python scalar

@@ -23,6 +23,7 @@ CASES = {
     "additive time embedding, 8 groups, widening": (
         "tiny32", dict(use_scale_shift_norm=False, norm_groups=8, channel_mult=(1, 2),
                        resblock_updown=False, num_res_blocks=2)),
+    "grey (one channel, data.channels=1)": ("tiny32", dict(in_channels=1)),
 }
 
 
@@ -44,7 +45,7 @@ def test_unet2dmodel_computes_our_unet_and_converts_back(preset, overrides):
     converted = dfmt.to_diffusers_state(kw, net.state_dict())
     theirs.load_state_dict(converted, strict=True)
 
-    x = torch.randn(2, 3, kw["image_size"], kw["image_size"])
+    x = torch.randn(2, kw["in_channels"], kw["image_size"], kw["image_size"])
     t = 250 * torch.log(torch.tensor([40.0, 0.01]))  # c_noise at a high and a low level
     labels = torch.tensor([1, 7]) if kw["num_classes"] else None
     with torch.no_grad():

@@ -215,6 +215,24 @@ def test_digits_extractor_separates_real_from_noise(digits_extractor, digits16):
     assert M.fid_from_stats(s32, sb).fid < 0.2 * fake
 
 
+def test_extractors_read_grey_images_as_rgb_with_tied_channels(digits_extractor, digits16):
+    """A one-channel (grey) model's samples, uint8 or float: the features of the same images
+    stored as RGB (the embedded digits' reference statistics), for the digits CNN and for the
+    299 px clean-resize path of Inception (a random network in its place)."""
+    x = torch.from_numpy(digits16[0][:6])  # (6, 3, 16, 16), tied channels
+    grey = x[:, :1]
+    clean = F.CustomExtractor(_rand_net(), name="rand", dim=16)
+    for ex in (digits_extractor, clean):
+        want = ex(x)
+        torch.testing.assert_close(ex(grey), want, rtol=0, atol=0)
+        torch.testing.assert_close(ex(grey.float() / 127.5 - 1), want, rtol=0, atol=0)
+    s1 = M.compute_stats_from_generator(lambda idx: grey[idx].float() / 127.5 - 1, 6,
+                                        digits_extractor, batch_size=6)
+    s3 = M.compute_stats_from_images([x], digits_extractor)
+    np.testing.assert_array_equal(s1.mean(), s3.mean())
+    assert s1.settings == s3.settings  # comparable with RGB reference statistics
+
+
 # ----------------------------------------------------------------------------
 # statistics files and settings
 

@@ -43,3 +43,13 @@ def test_lpips_distance_equals_the_package_value_and_gradient(metric):
     # the bf16 option stays close to the float32 value
     d16 = losses.lpips_distance(metric.model, a.detach(), b.detach(), dtype=torch.bfloat16)
     torch.testing.assert_close(d16, ref.detach(), rtol=5e-2, atol=1e-3)
+
+
+def test_grey_images_are_measured_as_rgb_with_tied_channels(metric):
+    """A one-channel (data.channels=1) run's images: the VGG sees them as R = G = B."""
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.rand(2, 1, 16, 16, generator=g) * 2 - 1 for _ in range(2))
+    grey = metric(a, b)
+    assert grey.shape == (2,) and torch.all(grey > 0)
+    torch.testing.assert_close(grey, metric(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)),
+                               rtol=0, atol=0)
