@@ -100,7 +100,7 @@ class GaussianMixture:
 def train_toy(method: str, gm: GaussianMixture, steps: int = 3000, batch: int = 512,
               lr: float = 1e-3, seed: int = 0, hidden: int = 128, depth: int = 3,
               log_every: int = 0, ct_s0: int = 2, ct_s1: int = 150, ct_mu0: float = 0.95,
-              cd_num_scales: int = 18):
+              cd_num_scales: int = 18, adaptive_weight: bool = True):
     """Train a small MLP consistency function on the mixture with CD (exact teacher), CT, iCT,
     sCT or sCD (exact TrigFlow teacher).
 
@@ -109,7 +109,8 @@ def train_toy(method: str, gm: GaussianMixture, steps: int = 3000, batch: int = 
     CD: N = ``cd_num_scales``, target mu = 0.95, Heun teacher.
     CT: the reference's adaptive curriculum (``ct_s0``, ``ct_s1``, ``ct_mu0``) over ``steps``.
     sCT/sCD: :class:`~cmscale.losses.SCMLoss` with its defaults, the tangent warm-up over the
-    first quarter of the steps; the target is the network itself.
+    first quarter of the steps; the target is the network itself; ``adaptive_weight=False``:
+    without the learned weighting.
     """
     if method not in ("cd", "ct", "ict", "sct", "scd"):
         raise ValueError(f"method must be 'cd', 'ct', 'ict', 'sct' or 'scd', got {method!r}")
@@ -122,8 +123,10 @@ def train_toy(method: str, gm: GaussianMixture, steps: int = 3000, batch: int = 
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = {"cd": lambda: losses.CDLoss(gm, solver="heun"), "ct": lambda: losses.CTLoss("l2"),
                "ict": lambda: losses.ICTLoss(),
-               "sct": lambda: losses.SCMLoss(tangent_warmup=steps // 4),
-               "scd": lambda: losses.SCMLoss(gm.trigflow, tangent_warmup=steps // 4)}[method]()
+               "sct": lambda: losses.SCMLoss(tangent_warmup=steps // 4,
+                                             adaptive_weight=adaptive_weight),
+               "scd": lambda: losses.SCMLoss(gm.trigflow, tangent_warmup=steps // 4,
+                                             adaptive_weight=adaptive_weight)}[method]()
     gen = torch.Generator().manual_seed(seed + 1)
     for k in range(steps):
         N, mu = None, 0.0
