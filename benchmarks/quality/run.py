@@ -139,7 +139,7 @@ PRESETS = {
         toy_methods=["cd", "ct", "scd", "sct", "scd_uw", "sct_uw"],
         toy_eval_n=2000,
         methods=["edm", "cd_l2", "cd_ph", "ct", "ict", "ect", "sct", "scd", "ct_ref",
-                 "cd_l2_rinit", "sct_uw", "scd_uw"],
+                 "cd_l2_rinit", "scd_uw"],
     ),
     # A couple of minutes: every stage runs, the numbers mean little.
     "smoke": dict(
