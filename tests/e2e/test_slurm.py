@@ -523,7 +523,7 @@ def test_fid_array_and_report_jobs(e2e):
     assert (report / "fid.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
+@pytest.mark.faults  # 1-2 min: SLURM's own timer
 def test_time_limit_warning_requeues_and_resumes(tmp_path, slurm_env):
     """SLURM's own timer sends the warning: --time=1 --signal=B:USR1@30 (the time limit is in
     whole minutes and slurmctld checks limits every 30 s, so the warning comes 30-60 s after
