@@ -94,12 +94,18 @@ def torchrun_node_cmd(node_rank: int, port: int, args: list[str], nnodes: int = 
                       nproc: int = 1) -> list[str]:
     """One torchrun agent of an ``nnodes``-node job, all on this machine: what each node of a
     real multi-node job runs (c10d rendezvous on node 0's endpoint). ``args``: the script or
-    ``-m module`` and its arguments."""
+    ``-m module`` and its arguments.
+
+    Node 0 hosts the rendezvous store (``is_host``), as node 0 of a real job does when the
+    endpoint is its address: on one machine every agent matches the endpoint's host, and
+    whichever bound the port first would host it, so a "lost" node 1 could take the store
+    with it and leave the survivor waiting on store timeouts instead of the collective's."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     prefix = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     return prefix + [f"--nnodes={nnodes}", f"--node_rank={node_rank}",
                      f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
                      f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=cmscale-test",
+                     f"--rdzv-conf=is_host={int(node_rank == 0)}",
                      "--max-restarts=0", *args]
 
 

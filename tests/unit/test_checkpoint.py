@@ -236,5 +236,5 @@ def test_a_network_of_another_shape_is_a_clear_error(tmp_path):
     net, opt = _trained()
     ck.save(tmp_path, {"model": ck.ModelOptimizer(net, opt)}, {"nimg": 8})
     wider = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
-    with pytest.raises(ValueError, match="another shape.*net.preset or net.overrides"):
+    with pytest.raises(ValueError, match="another shape.*net.preset, net.overrides or data.channels"):
         ck.load_latest(tmp_path, {"model": ck.ModelOptimizer(wider)})
