@@ -113,10 +113,12 @@ KNOWN_FAILURES = {
     # within a sampling std; with the searched mid level two steps do beat one (23.9)
     "ect_2_beats_1_published_ts",
     # sCT and sCD at this budget (3000 steps): two steps do not beat one (sCT 59.5 vs 46.2,
-    # sCD at t_mid 1.1 207 vs 185), sCD stays far above CD (185 vs 22.2 at one step) and
-    # on the 2-D toy neither map error shrinks (0.23-0.42 with the learned weighting; without
-    # it sCD's falls 0.16 -> 0.06). Measured, not hidden: see the README's quality section.
-    "sct_2_beats_1", "sct_2_beats_1_published_ts", "scd_2_beats_1_published_ts",
+    # sCD 70.0 vs 58.0, also at t_mid 1.1 and without the learned weighting), sCD stays far
+    # above CD (58.0 vs 22.2 at one step) and on the 2-D toy neither map error shrinks with
+    # the learned weighting (0.23-0.42); without it both shrink and sCD beats sCT (0.080 vs
+    # 0.160, checks that pass). Measured, not hidden: see the README's quality section.
+    "sct_2_beats_1", "sct_2_beats_1_published_ts", "scd_2_beats_1",
+    "scd_2_beats_1_published_ts", "scd_uw_2_beats_1", "scd_uw_2_beats_1_published_ts",
     "scd_beats_cd_cm1", "scd_beats_cd_cm2", "scd_beats_cd_cm2pub",
     "toy_scd_map_err_shrinks", "toy_sct_map_err_shrinks", "toy_scd_beats_sct",
 }
