@@ -131,13 +131,11 @@ def test_signal_requeue_and_finish(tmp_path, slurm_env):
             j = _job(job_id, env)
             return j.get("JobState") == "PENDING" and j.get("Restarts") == "1"
         _wait(requeued, 20, "the job to be requeued", info)
-        # A requeued job is held ~120 s (BeginTime); release it, but not within the
-        # second in which the first run ended: slurmd revokes the job's credential with
+        # A requeued job is held ~120 s (BeginTime); release it (_release), but not within
+        # the second in which the first run ended: slurmd revokes the job's credential with
         # a 1-second timestamp, and a relaunch in that same second dies with "Job
         # credential revoked" (exit 1, no output). That is what the hold is for.
-        time.sleep(2)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True,
-                       env=env, timeout=15)
+        _release(job_id, env)
         _wait(lambda: _job(job_id, env).get("JobState") == "COMPLETED", 30,
               "the second run to complete", info)
         time.sleep(3)  # a wrong second requeue would show by now
@@ -145,8 +143,7 @@ def test_signal_requeue_and_finish(tmp_path, slurm_env):
         assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", info()
         assert job["ExitCode"] == "0:0", info()
     finally:
-        if _job(job_id, env).get("JobState") not in (None, "COMPLETED", "FAILED", "CANCELLED"):
-            subprocess.run(["scancel", job_id], env=env, timeout=15)
+        _cancel(env, job_id)
 
     files = sorted(p.name for p in run_dir.iterdir())
     assert files == [
@@ -191,8 +188,7 @@ def test_requeue_bound(tmp_path, slurm_env):
         assert job["JobState"] == "FAILED" and job["Restarts"] == "0", info()
         assert job["ExitCode"] == "75:0", info()
     finally:
-        if _job(job_id, env).get("JobState") not in (None, "COMPLETED", "FAILED", "CANCELLED"):
-            subprocess.run(["scancel", job_id], env=env, timeout=15)
+        _cancel(env, job_id)
     assert "CMSCALE_MAX_REQUEUES=0); not requeueing" in log.read_text(), info()
 
 
@@ -219,9 +215,7 @@ def test_persistent_failure_is_not_requeued_forever(tmp_path, slurm_env):
                 _wait(lambda: (_job(job_id, env).get("JobState") == "PENDING"
                                and _job(job_id, env).get("Restarts") == "1"),
                       20, "the first requeue", info)
-                time.sleep(2)  # not in the second the first run ended (see the first test)
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                               check=True, env=env, timeout=15)
+                _release(job_id, env)
         _wait(lambda: _job(job_id, env).get("JobState") in ("FAILED", "COMPLETED"),
               20, "the job to end", info)
         time.sleep(3)  # a wrong second requeue would show by now
@@ -229,8 +223,7 @@ def test_persistent_failure_is_not_requeued_forever(tmp_path, slurm_env):
         assert job["JobState"] == "FAILED" and job["Restarts"] == "1", info()
         assert job["ExitCode"] == "75:0", info()
     finally:
-        if _job(job_id, env).get("JobState") not in (None, "COMPLETED", "FAILED", "CANCELLED"):
-            subprocess.run(["scancel", job_id], env=env, timeout=15)
+        _cancel(env, job_id)
     text = log.read_text()
     assert text.count("requeueing job") == 1, info()
     assert "2 times in a row (CMSCALE_MAX_STALLED_REQUEUES=1)" in text, info()

@@ -191,21 +191,27 @@ def test_zero3_two_ranks_train_and_resume_bit_identically(runs):
     diff = assert_same_training(ddp_two_ranks(runs), z3)
     print(f"max |ZeRO-3 x2 - DDP x2| = {diff:.3g}")
 
-    # Save at step 2, resume: a copy of the run without its final checkpoint is the run as a
-    # kill after step 2 would have left it; the same command must end with the same weights.
-    resumed = runs.root / "zero3_resumed"
-    shutil.copytree(z3, resumed)
+    resumed = assert_resume_from_step_2_is_bit_identical(runs, z3, *COMMON, *zero(3))
+    assert final_state(resumed)[1]["nimg"] == 32
+    assert losses_of(resumed) == {s: v for s, v in losses_of(z3).items() if s > 2}
+
+
+def assert_resume_from_step_2_is_bit_identical(runs, run_dir, *args):
+    """Save at step 2, resume: a copy of ``run_dir`` without its final checkpoint is the run as
+    a kill after step 2 would have left it; the same command must end with the same weights.
+    Returns the resumed run's directory."""
+    resumed = runs.root / f"{run_dir.name}_resumed"
+    shutil.copytree(run_dir, resumed)
     shutil.rmtree(checkpoint.checkpoint_path(resumed, 32))
     (resumed / "metrics.jsonl").unlink()
-    out = run_ranks(resumed, runs.cache, 2, *COMMON, *zero(3))
+    out = run_ranks(resumed, runs.cache, 2, *args)
     assert "resumed from 16 images (step 2, saved by 2 ranks)" in out
-    a, _ = final_state(z3)
-    b, meta = final_state(resumed)
-    assert meta["nimg"] == 32
+    a, _ = final_state(run_dir)
+    b, _ = final_state(resumed)
     for which in a:
         for k in a[which]:
             assert torch.equal(a[which][k], b[which][k]), (which, k)
-    assert losses_of(resumed) == {s: v for s, v in losses_of(z3).items() if s > 2}
+    return resumed
 
 
 @pytest.mark.dist
@@ -224,16 +230,7 @@ def test_zero2_compiled_trains_like_eager_and_resumes_bit_identically(runs):
     assert re.search(r"train.compile \(aot_eager\): [1-9]\d* graphs compiled", out), out
     state, _ = final_state(z2c)
     assert not any("_orig_mod" in k for which in state for k in state[which])
-    resumed = runs.root / "zero2_compiled_resumed"
-    shutil.copytree(z2c, resumed)
-    shutil.rmtree(checkpoint.checkpoint_path(resumed, 32))
-    (resumed / "metrics.jsonl").unlink()
-    out = run_ranks(resumed, runs.cache, 2, *COMMON, *zero(2), *compiled)
-    assert "resumed from 16 images (step 2, saved by 2 ranks)" in out
-    b, _ = final_state(resumed)
-    for which in state:
-        for k in state[which]:
-            assert torch.equal(state[which][k], b[which][k]), (which, k)
+    assert_resume_from_step_2_is_bit_identical(runs, z2c, *COMMON, *zero(2), *compiled)
 
 
 # sCT: stop-gradient online target, a JVP through it (under ZeRO-3 through a whole copy of the
