@@ -99,6 +99,8 @@ class LossConfig:
     scm_p_std: float = 1.6                   # tau ~ N(scm_p_mean, scm_p_std^2)
     tangent_warmup: int = 10000              # H: tangent warm-up r = min(1, step / H); 0 = off
     tangent_norm: float = 0.1                # c: tangent normalised as g / (||g|| + c)
+    tangent_norm_over: str = "all"           # ||g||: all = over every entry | rms: RMS per entry
+    prior_weight: bool = False               # also weight the loss by 1 / (sigma_d tan t)
     adaptive_weight: bool = True             # learned log-weight w(t): exp(-w) loss + w
 
 
@@ -343,6 +345,8 @@ def validate(cfg: Config) -> Config:
         ("loss.scm_p_std", cfg.loss.scm_p_std > 0, "must be > 0"),
         ("loss.tangent_warmup", cfg.loss.tangent_warmup >= 0, "must be >= 0"),
         ("loss.tangent_norm", cfg.loss.tangent_norm >= 0, "must be >= 0"),
+        ("loss.tangent_norm_over", cfg.loss.tangent_norm_over in ("all", "rms"),
+         "must be 'all' or 'rms'"),
         ("ema.rates", all(0 < float(r) < 1 for r in cfg.ema.rates), "each in (0, 1)"),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, "must be >= 1"),
         ("checkpoint.every_images", cfg.checkpoint.every_images >= 0, "must be >= 0"),

@@ -22,6 +22,7 @@ device) is saved before the online forward and restored before the target forwar
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -411,7 +412,8 @@ class SCMLoss:
     - ``g = -cos^2 t (sigma_d F- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF-/dt)`` with the
       tangent warm-up ``r = min(1, step / H)``, normalised ``g / (||g|| + c)``;
     - per-example loss ``exp(-w(t)) ||F - F- - g||^2 / D + w(t)`` with the learned log-weight w
-      (``adaptive_weight=False``: ``||F - F- - g||^2 / D``).
+      (``adaptive_weight=False``: ``||F - F- - g||^2 / D``); ``prior_weight=True`` also divides
+      ``||F - F- - g||^2 / D`` by ``sigma = sigma_d tan t`` (NVlabs/FastGen's prior weighting).
 
     Its gradient is that of the consistency condition df/dt = 0 (the paper's eq. 8): at F = F-
     it is ``-2 g . dF/dtheta / D``, scaled by exp(-w). ``net`` is what the gradient flows through
@@ -423,17 +425,33 @@ class SCMLoss:
 
     def __init__(self, teacher=None, sigma_data: float = 0.5, p_mean: float = -0.8,
                  p_std: float = 1.6, tangent_warmup: int = 10000, tangent_norm: float = 0.1,
-                 adaptive_weight: bool = True):
+                 adaptive_weight: bool = True, tangent_norm_over: str = "all",
+                 prior_weight: bool = False):
         if tangent_warmup < 0 or tangent_norm < 0 or p_std <= 0:
             raise ValueError("need tangent_warmup >= 0, tangent_norm >= 0 and p_std > 0")
+        if tangent_norm_over not in self.NORM_OVER:
+            raise ValueError(f"tangent_norm_over must be one of {self.NORM_OVER}, "
+                             f"got {tangent_norm_over!r}")
+        self.tangent_norm_over, self.prior_weight = tangent_norm_over, bool(prior_weight)
         self.teacher, self.sigma_data = teacher, float(sigma_data)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.tangent_warmup, self.tangent_norm = int(tangent_warmup), float(tangent_norm)
         self.adaptive_weight = adaptive_weight
 
+    NORM_OVER = ("all", "rms")
+
     def warmup(self, step: int) -> float:
         """The tangent warm-up factor r = min(1, step / H) (1 without warm-up)."""
         return min(1.0, step / self.tangent_warmup) if self.tangent_warmup else 1.0
+
+    def normalize(self, g: torch.Tensor) -> torch.Tensor:
+        """Tangent normalisation ``g / (||g|| + c)`` per example; ``||g||`` over all its entries
+        (``tangent_norm_over="all"``, the paper's) or their root mean square (``"rms"``: c then
+        means the same at every image size, as in NVlabs/FastGen's default)."""
+        norm = g.reshape(g.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (g.ndim - 1))
+        if self.tangent_norm_over == "rms":
+            norm = norm / math.sqrt(g[0].numel())
+        return g / (norm + self.tangent_norm)
 
     def sample_t(self, batch: int, device, dtype=torch.float32) -> torch.Tensor:
         """Training times: ``t = arctan(exp(tau) / sigma_d)``, tau ~ N(P_mean, P_std^2)."""
@@ -480,9 +498,10 @@ class SCMLoss:
         r = self.warmup(step)
         # dF is already cos t sin t dF-/dt (the JVP's tangent carries the factor)
         g = -cos**2 * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * dF)
-        norm = g.reshape(B, -1).norm(dim=1).reshape(shape)
-        g = g / (norm + self.tangent_norm)
+        g = self.normalize(g)
         mse = _mean_flat((F_theta.to(x0.dtype) - F_minus - g) ** 2)
+        if self.prior_weight:  # 1 / sigma = 1 / (sigma_d tan t)
+            mse = mse / (sd * torch.tan(t))
         w = w.to(x0.dtype)
         if self.adaptive_weight:
             return torch.exp(-w) * mse + w

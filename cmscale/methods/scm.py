@@ -53,7 +53,9 @@ class SCT(Method):
         lc = self.cfg.loss
         return losses.SCMLoss(teacher, sigma_data=self.cfg.net.sigma_data, p_mean=lc.scm_p_mean,
                               p_std=lc.scm_p_std, tangent_warmup=lc.tangent_warmup,
-                              tangent_norm=lc.tangent_norm, adaptive_weight=lc.adaptive_weight)
+                              tangent_norm=lc.tangent_norm, adaptive_weight=lc.adaptive_weight,
+                              tangent_norm_over=lc.tangent_norm_over,
+                              prior_weight=lc.prior_weight)
 
     def prepare(self, net: torch.nn.Module) -> None:
         """With ``loss.init_from_teacher``: start from the EDM teacher as a TrigFlow network

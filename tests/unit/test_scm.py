@@ -239,15 +239,19 @@ def test_scm_gradient_equals_the_discrete_ct_loss_with_a_tiny_step(distill):
     torch.testing.assert_close(g_scm, g_ref, rtol=1e-4, atol=1e-4 * g_ref.abs().max().item())
 
 
-def test_scm_loss_equals_an_explicit_finite_difference_tangent():
-    """The whole loss as configured (warm-up r, g / (||g|| + c), learned weight) against the
+@pytest.mark.parametrize("norm_over,prior", [("all", False), ("rms", False), ("all", True),
+                                              ("rms", True)])
+def test_scm_loss_equals_an_explicit_finite_difference_tangent(norm_over, prior):
+    """The whole loss as configured (warm-up r, g / (||g|| + c) with ||g|| over all entries or
+    their RMS, the optional prior weighting 1 / (sigma_d tan t), learned weight) against the
     same formula written with f's finite-difference time derivative along the trajectory
     instead of the rearranged JVP of F: values and gradients (weights and w) to 1e-6."""
     net = _toy()
     with torch.no_grad():
         net.weight.linear.bias.fill_(0.3)
         net.weight.linear.weight.normal_(0, 0.1)
-    scm = losses.SCMLoss(tangent_warmup=10, tangent_norm=0.1)
+    scm = losses.SCMLoss(tangent_warmup=10, tangent_norm=0.1, tangent_norm_over=norm_over,
+                         prior_weight=prior)
     x0 = torch.randn(16, 2, dtype=torch.float64)
     step, r = 4, 0.4
     assert scm.warmup(step) == r
@@ -271,8 +275,12 @@ def test_scm_loss_equals_an_explicit_finite_difference_tangent():
             dF = (Fp - Fm) / (2 * h)  # dF-/dt along the trajectory
             # f = cos x_t - sin sd F: cos df/dt with the warm-up on the terms of t-derivative
             g = cos * (-cos * SD * F_ + cos * dxdt) - r * cos * sin * (x_t + SD * dF)
-            g = g / (g.norm(dim=1, keepdim=True) + 0.1)
-        return torch.exp(-w) * ((F - F_ - g) ** 2).mean(dim=1) + w
+            size = g.norm(dim=1, keepdim=True)
+            if norm_over == "rms":
+                size = (g**2).mean(dim=1, keepdim=True).sqrt()
+            g = g / (size + 0.1)
+        lam = 1 / (SD * torch.tan(t)) if prior else 1.0
+        return torch.exp(-w) * lam * ((F - F_ - g) ** 2).mean(dim=1) + w
 
     torch.testing.assert_close(ours(), explicit(), rtol=1e-6, atol=1e-9)
     params = list(net.parameters())
@@ -299,7 +307,8 @@ def test_scm_time_proposal_follows_the_lognormal():
 def test_sct_method_plugs_in_with_its_defaults():
     cfg = load_config(None, ["loss.mode=sct"])
     assert (cfg.loss.scm_p_mean, cfg.loss.scm_p_std, cfg.loss.tangent_warmup,
-            cfg.loss.tangent_norm, cfg.loss.adaptive_weight) == (-0.8, 1.6, 10000, 0.1, True)
+            cfg.loss.tangent_norm, cfg.loss.adaptive_weight, cfg.loss.tangent_norm_over,
+            cfg.loss.prior_weight) == (-0.8, 1.6, 10000, 0.1, True, "all", False)
     net = build_net(cfg)
     assert isinstance(net, TrigFlowPrecond) and not METHODS["sct"].needs_target
     # the weighting is part of the network: optimizer, EMAs and checkpoints see it
@@ -310,6 +319,12 @@ def test_sct_method_plugs_in_with_its_defaults():
     assert [str(s) for s in method.default_samplers(cfg)] == ["trig=max", "trig=max,1.1"]
     with pytest.raises(ConfigError, match="loss.teacher"):
         load_config(None, ["loss.mode=scd"])
+    with pytest.raises(ConfigError, match="tangent_norm_over"):
+        load_config(None, ["loss.mode=sct", "loss.tangent_norm_over=max"])
+    options = build_method(load_config(None, ["loss.mode=sct", "loss.tangent_norm_over=rms",
+                                              "loss.prior_weight=true"]), torch.device("cpu"))
+    options.prepare(build_net(options.cfg))
+    assert (options.loss_fn.tangent_norm_over, options.loss_fn.prior_weight) == ("rms", True)
     with pytest.raises(ConfigError, match="trig_times"):
         load_config(None, ["loss.mode=sct", "sample.trig_times=[1.1,1.2]"])
 

@@ -50,3 +50,18 @@ def test_ict_from_samples_learns_the_map():
     assert r["map_err"] < untrained["map_err"] / 2, (r, untrained)
     with pytest.raises(ValueError):
         train_toy("gan", gm, steps=1)
+
+
+@pytest.mark.parametrize("method", ["sct", "scd"])
+def test_scm_toy_weighting_switch(method):
+    """``adaptive_weight=False`` trains sCT/sCD with uniform weighting: the learned log-weight
+    keeps its zero initialisation while the network learns; with the default it moves."""
+    gm = GaussianMixture.ring()
+    uniform, _ = train_toy(method, gm, steps=30, batch=64, adaptive_weight=False)
+    learned, _ = train_toy(method, gm, steps=30, batch=64)
+    assert all((p == 0).all() for p in uniform.weight.parameters())
+    assert any((p != 0).any() for p in learned.weight.parameters())
+    # same seed and data: the networks differ only through the weighting
+    diff = [(a - b).abs().max().item() for a, b in zip(uniform.model.parameters(),
+                                                        learned.model.parameters())]
+    assert max(diff) > 0
