@@ -10,8 +10,6 @@ within 1e-4 of a rounding boundary may round either way).
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from cmscale import export, runs, sample
 from cmscale.sampler import Sampler
 from cmscale.sampling import PerImageNoise
 from tests import support
-from tests.support.launch import clean_env
+from tests.support.launch import train_subprocess
 
 ROOT = str(support.REPO)
 NUM = 4
@@ -62,14 +60,11 @@ def teacher(tmp_path_factory):
 def cd_run(teacher, tmp_path_factory):
     base = tmp_path_factory.mktemp("run")
     run = base / "run"
-    cmd = [sys.executable, "-m", "cmscale.train", "--run-dir", str(run),
-           "data.shards=embedded:sklearn:digits", "data.resolution=32", "net.preset=tiny32",
-           "loss.mode=cd", f"loss.teacher={teacher}", "loss.init_from_teacher=true",
-           "train.total_steps=2", "train.global_batch=4", "data.num_workers=0",
-           "log.progress_bar=false", "log.tensorboard=false", "optim.lr=1e-3"]
-    r = subprocess.run(cmd, env=clean_env(CMSCALE_CACHE=str(base / "cache")), cwd=ROOT,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout
+    train_subprocess(run, ["data.shards=embedded:sklearn:digits", "data.resolution=32",
+                           "net.preset=tiny32", "loss.mode=cd", f"loss.teacher={teacher}",
+                           "loss.init_from_teacher=true", "train.total_steps=2",
+                           "train.global_batch=4", "log.tensorboard=false", "optim.lr=1e-3"],
+                     base / "cache")
     return run
 
 

@@ -20,7 +20,7 @@ from cmscale import editing, imageio, runs, sample, schedules
 from cmscale.networks import create_unet
 from cmscale.sampling import PerImageNoise
 from tests import support
-from tests.support.launch import clean_env, free_port
+from tests.support.launch import clean_env, free_port, train_subprocess
 
 ROOT = str(support.REPO)
 FIXTURES = str(support.FIXTURES / "unet")
@@ -166,13 +166,9 @@ def test_class_conditional_labels_per_index(tmp_path):
 def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("run")
     run = base / "run"
-    cmd = [sys.executable, "-m", "cmscale.train", "--run-dir", str(run),
-           "data.shards=embedded:sklearn:digits", "data.resolution=16", "net.preset=tiny16",
-           "train.total_steps=2", "train.global_batch=8", "data.num_workers=0",
-           "log.progress_bar=false", "log.tensorboard=false", "optim.lr=1e-2"]
-    r = subprocess.run(cmd, env=clean_env(CMSCALE_CACHE=str(base / "cache")), cwd=ROOT,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout
+    train_subprocess(run, ["data.shards=embedded:sklearn:digits", "data.resolution=16",
+                           "net.preset=tiny16", "train.total_steps=2", "train.global_batch=8",
+                           "log.tensorboard=false", "optim.lr=1e-2"], base / "cache", timeout=300)
     return run
 
 

@@ -1,30 +1,21 @@
 """What a user watches on a long run is in TensorBoard: loss, lr, N, mu, images/s, the fp16
 loss scale, memory, the FID of every evaluation sampler and the sample grids."""
 
-import subprocess
-import sys
-
 import pytest
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests import support
-from tests.support.launch import clean_env
-
-ROOT = str(support.REPO)
+from tests.support.launch import train_subprocess
 
 
 def test_event_file_has_the_scalars_and_grids_of_a_run(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cmscale.train", "--run-dir", str(run),
-           "data.shards=embedded:sklearn:digits", "data.resolution=16", "net.preset=tiny16",
-           "loss.mode=ct", "train.total_steps=4", "train.global_batch=8", "data.num_workers=0",
-           "train.precision=fp16", "log.every_steps=2", "log.progress_bar=false",
-           "log.tensorboard=true", "sample.num_grid=4", "eval.every_images=16",
-           "eval.extractor=digits", "eval.num_images=16", "eval.batch_size=16"]
-    r = subprocess.run(cmd, env=clean_env(CMSCALE_CACHE=str(tmp_path / "cache")), cwd=ROOT,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout
+    train_subprocess(run, ["data.shards=embedded:sklearn:digits", "data.resolution=16",
+                           "net.preset=tiny16", "loss.mode=ct", "train.total_steps=4",
+                           "train.global_batch=8", "train.precision=fp16", "log.every_steps=2",
+                           "log.tensorboard=true", "sample.num_grid=4", "eval.every_images=16",
+                           "eval.extractor=digits", "eval.num_images=16", "eval.batch_size=16"],
+                     tmp_path / "cache")
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])

@@ -43,6 +43,19 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def train_subprocess(run_dir, overrides: list[str], cache, timeout: float = 600) -> str:
+    """Train with ``python -m cmscale.train --run-dir run_dir *overrides`` in a clean
+    environment (one thread, ``CMSCALE_CACHE=cache``) as a user would; assert it exits 0 and
+    return its output."""
+    cmd = [sys.executable, "-m", "cmscale.train", "--run-dir", str(run_dir),
+           "data.num_workers=0", "log.progress_bar=false", *overrides]
+    r = subprocess.run(cmd, env=clean_env(CMSCALE_CACHE=str(cache)), cwd=str(REPO),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout
+    return r.stdout
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
