@@ -8,6 +8,7 @@ smoke preset (a couple of minutes) is marked slow.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,17 @@ def test_committed_results_pass_every_ordering_check():
 def test_quality_benchmark_tiny(tmp_path):
     out, stdout = _run(tmp_path, "smoke", TINY, timeout=300)
     _check_outputs(out, stdout, METHODS)
+    # evaluate_run.py: the same evaluation for any run directory (here the tiny sCT run)
+    run_dir = next((tmp_path / "work").glob("sct-seed0-*"))
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / "evaluate_run.py"), str(run_dir),
+                        "--preset", "smoke", "--num", "64", "--seeds", "0"],
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith(str(run_dir)))
+    figures = [float(v) for v in re.findall(r"(?:NFE 1 |: )([0-9.]+)", line)]
+    assert len(figures) == 1 + 2 and all(math.isfinite(v) and v >= 0 for v in figures), line
+    assert "mid sigma 0.821, 2.5" in r.stdout
 
 
 @pytest.mark.slow
