@@ -401,8 +401,7 @@ class Trainer:
             # Decided from the checkpoint's metadata alone: nothing is loaded or built.
             dist.print0(f"run already finished ({done['step']} steps); nothing to do")
             return 0
-        warning = self.method.target_horizon_warning()
-        if warning:
+        for warning in self.method.warnings():
             dist.print0(warning)
         meta = self.resume()
         if meta is not None:

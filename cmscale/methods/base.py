@@ -52,6 +52,12 @@ class Method:
         reference's ``cm_train.py`` does so whenever a teacher is given, for CT too)."""
         init_from_teacher(self.cfg, net)
 
+    def warnings(self) -> list[str]:
+        """What the trainer prints before training: settings that measured badly (after
+        :meth:`prepare`)."""
+        w = self.target_horizon_warning()
+        return [w] if w else []
+
     def target_horizon_warning(self) -> str | None:
         """A warning when the target still averages over a large part of the run at its end
         (its EMA horizon 1 / (1 - mu) above a tenth of train.total_steps), else None."""

@@ -73,6 +73,9 @@ def test_reference_hyperparameters():
         assert tuple(c.optim.betas) == (0.9, 0.99) and c.optim.weight_decay == 0.0
     c = cfg("imagenet64_scd")
     assert (c.loss.teacher_dropout, c.loss.init_from_teacher) == (0.1, True) and c.loss.teacher
+    # sCT from scratch takes the gentle time input (ln sigma); sCD keeps its teacher's
+    assert cfg("imagenet64_sct").net.overrides["noise_label_scale"] == 0.004
+    assert "noise_label_scale" not in c.net.overrides
 
 
 @pytest.mark.parametrize("override,message", [

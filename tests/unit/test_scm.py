@@ -429,3 +429,26 @@ def test_periodic_fid_accepts_trig_samplers_only_for_trigflow_runs():
     assert [Sampler.parse(t).nfe for t in ok.eval.samplers] == [1, 2]
     with pytest.raises(ConfigError, match="eval.samplers"):
         load_config(None, ["loss.mode=ct", "eval.every_images=64", "eval.samplers=[trig=max]"])
+
+
+def test_steep_time_embedding_is_warned_about():
+    """sCT/sCD with the ADM presets' time input (250 ln sigma into sinusoids of frequency up
+    to 1) collapsed in our measurements: the trainer warns and names the fix; the gentle
+    embedding (tiny16's noise_label_scale 0.004), CT and the toy MLP say nothing."""
+    def warnings(overrides):
+        cfg = load_config(None, ["net.preset=tiny16", "data.resolution=16", *overrides])
+        method = build_method(cfg, torch.device("cpu"))
+        method.prepare(build_net(cfg))
+        return method.warnings()
+
+    assert warnings(["loss.mode=sct"]) == []
+    steep = warnings(["loss.mode=sct", "net.overrides.noise_label_scale=1.0"])
+    assert len(steep) == 1 and "250 rad per unit of ln(sigma)" in steep[0]
+    assert "net.overrides.noise_label_scale=0.004" in steep[0]
+    t_input = warnings(["loss.mode=sct", "net.overrides.noise_label_scale=1.0",
+                        "net.time_input=t"])
+    assert len(t_input) == 1 and "637 rad per unit of t" in t_input[0]
+    assert warnings(["loss.mode=ct", "net.overrides.noise_label_scale=1.0",
+                     "train.total_steps=800000"]) == []
+    method = build_method(load_config(None, ["loss.mode=sct"]), torch.device("cpu"))
+    assert method.time_embedding_rate(TrigFlowPrecond(MLP(dim=2))) is None
