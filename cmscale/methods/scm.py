@@ -73,7 +73,7 @@ class SCT(Method):
     # Fastest phase change of the UNet's sinusoidal time embedding (its top frequency is 1), in
     # radians per unit of ln(sigma) (time_input log_sigma) or of t (time_input t), above which
     # warnings() speaks: the ADM presets' 250 ln(sigma) measured FD 3667 for sCT on 8 px digits,
-    # where the same run with ln(sigma) (noise_label_scale 0.004) measured 45.
+    # where the same run with ln(sigma) (noise_label_scale 0.004) measured 47.
     STEEP_TIME_EMBEDDING = 10.0
 
     def time_embedding_rate(self, net: torch.nn.Module) -> float | None:
@@ -94,7 +94,7 @@ class SCT(Method):
                 f"sinusoids turn by up to {rate:.0f} rad per unit of "
                 f"{'ln(sigma)' if self.cfg.net.time_input == 'log_sigma' else 't'}): its "
                 "derivative dominates the tangent dF/dt, and sCT collapsed so in our "
-                "measurements (8 px digits: FD 3667 against 45 with "
+                "measurements (8 px digits: FD 3667 against 47 with "
                 "net.overrides.noise_label_scale=0.004, the time input ln(sigma)). Train from "
                 "scratch with net.overrides.noise_label_scale=0.004; a teacher's embedding "
                 "(loss.init_from_teacher) cannot be changed, see docs/scm.md")
