@@ -78,6 +78,8 @@ class LossConfig:
                                              # scd; ect: the EDM denoiser the student starts from)
     teacher_preset: str = ""                 # UNet preset of the teacher (default: net.preset)
     teacher_dropout: float = 0.0             # reference EDM teachers use 0.1
+    teacher_overrides: dict = field(default_factory=dict)  # UNet kwargs of the teacher over
+                                             # net.overrides (e.g. its noise_label_scale)
     solver: str = "heun"                     # heun | euler (cd)
     init_from_teacher: bool = False          # cd/ct/ict/sct/scd: start the student (target, EMAs)
                                              # from loss.teacher's weights, as the reference
@@ -263,7 +265,8 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
 
 
 def _set_dotted(cfg: Config, item: str) -> None:
-    """Apply one ``section.key=value`` override (``net.overrides.K=V`` sets a UNet kwarg)."""
+    """Apply one ``section.key=value`` override (``net.overrides.K=V`` and
+    ``loss.teacher_overrides.K=V`` set a UNet kwarg, its value read as YAML)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value")
     key, raw = item.split("=", 1)
@@ -271,6 +274,9 @@ def _set_dotted(cfg: Config, item: str) -> None:
     if len(parts) == 3 and parts[1] == "overrides" and hasattr(cfg, parts[0]):
         section = getattr(cfg, parts[0])
         section.overrides = {**section.overrides, parts[2]: yaml.safe_load(raw)}
+        return
+    if parts[:2] == ["loss", "teacher_overrides"] and len(parts) == 3:
+        cfg.loss.teacher_overrides = {**cfg.loss.teacher_overrides, parts[2]: yaml.safe_load(raw)}
         return
     nested: dict = {}
     cur = nested
@@ -375,6 +381,12 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.init_from_teacher and (cfg.loss.mode == "edm" or not cfg.loss.teacher):
         raise ConfigError("loss.init_from_teacher: needs loss.teacher=PATH (the weights to "
                           "start from) and a consistency mode (cd, ct, ict, sct, scd)")
+    differ = {k: v for k, v in cfg.loss.teacher_overrides.items()
+              if cfg.net.overrides.get(k) != v}
+    if differ and (cfg.loss.init_from_teacher or cfg.loss.mode == "ect"):
+        raise ConfigError(f"loss.teacher_overrides={differ}: the student starts from the "
+                          "teacher's weights (loss.init_from_teacher, or ECT), so it must be the "
+                          "same network; set these in net.overrides instead")
     if (cfg.loss.mode in ("sct", "scd") and cfg.loss.init_from_teacher
             and cfg.net.time_input != "log_sigma"):
         raise ConfigError("net.time_input=t: an EDM teacher's weights expect log_sigma; "

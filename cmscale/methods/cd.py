@@ -20,7 +20,8 @@ from .base import Method, consistency_kwargs, init_from_teacher
 def build_teacher(cfg: Config, device) -> torch.nn.Module:
     """The CD teacher: an EDM denoiser from a weights file (ours, or a reference edm_*.pt)."""
     preset = cfg.loss.teacher_preset or cfg.net.preset
-    raw = create_unet(preset, **{**cfg.net.overrides, "dropout": cfg.loss.teacher_dropout})
+    raw = create_unet(preset, **{**cfg.net.overrides, **cfg.loss.teacher_overrides,
+                                 "dropout": cfg.loss.teacher_dropout})
     load_strict(raw, cfg.loss.teacher, preset, what="loss.teacher")
     teacher = EDMPrecond(raw, sigma_data=cfg.net.sigma_data, sigma_min=cfg.net.sigma_min,
                          sigma_max=cfg.net.sigma_max)

@@ -123,6 +123,32 @@ def test_the_quickstarts_are_grey_and_cd_distils_on_18_levels():
     assert (cd.loss.num_scales, cd.sample.ts, cd.sample.steps) == (18, [0, 9, 17], 18)
 
 
+def test_teacher_overrides_build_the_teacher_apart_from_the_student(tmp_path):
+    """sCD/CD with a student that does not start from the teacher may differ from it, e.g. a
+    gentle time embedding for a teacher with the ADM one: loss.teacher_overrides builds the
+    teacher, net.overrides the student; a student that starts from the teacher may not."""
+    import torch
+
+    from cmscale.methods.cd import build_teacher
+    from cmscale.networks import create_unet
+    from cmscale.weights import save_state_dict
+
+    path = str(tmp_path / "teacher.safetensors")
+    save_state_dict(create_unet("tiny16", noise_label_scale=1.0).state_dict(), path)
+    c = load_config(None, ["loss.mode=scd", f"loss.teacher={path}",
+                           "loss.teacher_overrides.noise_label_scale=1.0"])
+    assert c.loss.teacher_overrides == {"noise_label_scale": 1.0}
+    assert build_teacher(c, torch.device("cpu")).model.noise_label_scale == 1.0
+    assert PRESETS["tiny16"]["noise_label_scale"] == 0.004 and "noise_label_scale" not in c.net.overrides
+    with pytest.raises(ConfigError, match="loss.teacher_overrides"):
+        load_config(None, ["loss.mode=scd", f"loss.teacher={path}", "loss.init_from_teacher=true",
+                           "loss.teacher_overrides.noise_label_scale=1.0"])
+    same = load_config(None, ["loss.mode=scd", f"loss.teacher={path}", "loss.init_from_teacher=true",
+                              "net.overrides.noise_label_scale=1.0",
+                              "loss.teacher_overrides.noise_label_scale=1.0"])
+    assert same.loss.teacher_overrides == same.net.overrides == {"noise_label_scale": 1.0}
+
+
 def test_overrides_reach_nested_fields():
     c = cfg("quickstart", "net.overrides.dropout=0.2", "ema.rates=0.9,0.99", "train.precision=bf16",
             "sample.ema=ema_0_9", "eval.ema=ema_0_99")
