@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ImageNet 64, class-conditional continuous-time consistency distillation (sCD) from the
-# EDM teacher: 600k steps, global batch 2048, lr 8e-6, bf16. 4 nodes x 8 GPUs = 64 per GPU.
+# EDM teacher (student from scratch, see the recipe): 600k steps, global batch 2048, lr 1e-4,
+# bf16. 4 nodes x 8 GPUs = 64 per GPU.
 # Ten minutes of warning before the time limit leave time to finish a step and save.
 #SBATCH --job-name=imagenet64_scd
 #SBATCH --nodes=4

@@ -95,9 +95,10 @@ class SCT(Method):
                 f"{'ln(sigma)' if self.cfg.net.time_input == 'log_sigma' else 't'}): its "
                 "derivative dominates the tangent dF/dt, and sCT collapsed so in our "
                 "measurements (8 px digits: FD 3667 against 47 with "
-                "net.overrides.noise_label_scale=0.004, the time input ln(sigma)). Train from "
-                "scratch with net.overrides.noise_label_scale=0.004; a teacher's embedding "
-                "(loss.init_from_teacher) cannot be changed, see docs/scm.md")
+                "net.overrides.noise_label_scale=0.004, the time input ln(sigma)). Train the "
+                "student with net.overrides.noise_label_scale=0.004; for sCD from a teacher "
+                "with the ADM embedding, without loss.init_from_teacher and with "
+                "loss.teacher_overrides.noise_label_scale=1.0 (see docs/scm.md)")
         return out
 
     def loss(self, net, target, images, labels, num_scales, step: int = 0):

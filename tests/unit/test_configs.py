@@ -72,10 +72,11 @@ def test_reference_hyperparameters():
         assert (c.sample.trig_times, c.train.precision, c.data.class_cond) == ([1.1], "bf16", True)
         assert tuple(c.optim.betas) == (0.9, 0.99) and c.optim.weight_decay == 0.0
     c = cfg("imagenet64_scd")
-    assert (c.loss.teacher_dropout, c.loss.init_from_teacher) == (0.1, True) and c.loss.teacher
-    # sCT from scratch takes the gentle time input (ln sigma); sCD keeps its teacher's
+    assert (c.loss.teacher_dropout, c.loss.init_from_teacher) == (0.1, False) and c.loss.teacher
+    # the students take the gentle time input (ln sigma); sCD's teacher keeps the ADM one
     assert cfg("imagenet64_sct").net.overrides["noise_label_scale"] == 0.004
-    assert "noise_label_scale" not in c.net.overrides
+    assert c.net.overrides["noise_label_scale"] == 0.004
+    assert c.loss.teacher_overrides == {"noise_label_scale": 1.0} and c.optim.lr == 1e-4
 
 
 @pytest.mark.parametrize("override,message", [
