@@ -267,14 +267,24 @@ def main(argv=None) -> int:
     info = dist.init(timeout=datetime.timedelta(hours=2))
     device = torch.device(args.device) if args.device else info.device
     try:
-        return _main(args, device)
+        code = _main(args, device)
     except (ValueError, FileNotFoundError, M.StatsMismatchError, F.InceptionWeightsNotFound) as e:
         if os.environ.get("CMSCALE_TRACEBACK"):
             raise
         print(f"fid_report: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     finally:
         dist.shutdown()
+    if info.world_size > 1:
+        # On several ranks (always separate processes: torchrun, srun, mpirun): leave without
+        # the interpreter's teardown, where a rank whose work and cache writes are done
+        # sometimes aborts in a C++ thread destructor of the gloo/c10d runtime ("terminate
+        # called without an active exception"), which fails the job (and a SLURM array task)
+        # after the fact. Output is flushed first.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _main(args, device) -> int:
