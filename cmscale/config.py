@@ -265,18 +265,16 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
 
 
 def _set_dotted(cfg: Config, item: str) -> None:
-    """Apply one ``section.key=value`` override (``net.overrides.K=V`` and
-    ``loss.teacher_overrides.K=V`` set a UNet kwarg, its value read as YAML)."""
+    """Apply one ``section.key=value`` override. ``section.field.K=V`` on a dict field
+    (``net.overrides``, ``loss.teacher_overrides``: UNet kwargs) sets one entry, its value
+    read as YAML."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) == 3 and parts[1] == "overrides" and hasattr(cfg, parts[0]):
-        section = getattr(cfg, parts[0])
-        section.overrides = {**section.overrides, parts[2]: yaml.safe_load(raw)}
-        return
-    if parts[:2] == ["loss", "teacher_overrides"] and len(parts) == 3:
-        cfg.loss.teacher_overrides = {**cfg.loss.teacher_overrides, parts[2]: yaml.safe_load(raw)}
+    entries = getattr(getattr(cfg, parts[0], None), parts[1], None) if len(parts) == 3 else None
+    if isinstance(entries, dict):
+        setattr(getattr(cfg, parts[0]), parts[1], {**entries, parts[2]: yaml.safe_load(raw)})
         return
     nested: dict = {}
     cur = nested
@@ -292,6 +290,7 @@ CHOICES = {
     "loss.solver": ("heun", "euler"),
     "loss.ect_weighting": ("inverse_gap", "karras"),
     "loss.lpips_variant": ("reference", "lpips"),
+    "loss.tangent_norm_over": ("all", "rms"),
     "net.time_input": ("log_sigma", "t"),
     "optim.name": ("radam", "adam", "adamw"),
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
@@ -351,8 +350,6 @@ def validate(cfg: Config) -> Config:
         ("loss.scm_p_std", cfg.loss.scm_p_std > 0, "must be > 0"),
         ("loss.tangent_warmup", cfg.loss.tangent_warmup >= 0, "must be >= 0"),
         ("loss.tangent_norm", cfg.loss.tangent_norm >= 0, "must be >= 0"),
-        ("loss.tangent_norm_over", cfg.loss.tangent_norm_over in ("all", "rms"),
-         "must be 'all' or 'rms'"),
         ("ema.rates", all(0 < float(r) < 1 for r in cfg.ema.rates), "each in (0, 1)"),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last >= 1, "must be >= 1"),
         ("checkpoint.every_images", cfg.checkpoint.every_images >= 0, "must be >= 0"),

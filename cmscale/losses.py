@@ -423,6 +423,8 @@ class SCMLoss:
     and runs in fp32 under fp16 autocast (``_jvp_precision``).
     """
 
+    NORM_OVER = ("all", "rms")  # what ||g|| is measured over (see normalize)
+
     def __init__(self, teacher=None, sigma_data: float = 0.5, p_mean: float = -0.8,
                  p_std: float = 1.6, tangent_warmup: int = 10000, tangent_norm: float = 0.1,
                  adaptive_weight: bool = True, tangent_norm_over: str = "all",
@@ -437,8 +439,6 @@ class SCMLoss:
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.tangent_warmup, self.tangent_norm = int(tangent_warmup), float(tangent_norm)
         self.adaptive_weight = adaptive_weight
-
-    NORM_OVER = ("all", "rms")
 
     def warmup(self, step: int) -> float:
         """The tangent warm-up factor r = min(1, step / H) (1 without warm-up)."""

@@ -82,8 +82,7 @@ class SCT(Method):
         scale = getattr(getattr(net, "model", net), "noise_label_scale", None)
         if scale is None:
             return None
-        per_unit = 250.0 if self.cfg.net.time_input == "log_sigma" else 2000.0 / math.pi
-        return per_unit * float(scale)
+        return TrigFlowPrecond.C_NOISE_RATE[self.cfg.net.time_input] * float(scale)
 
     def warnings(self) -> list[str]:
         out = super().warnings()

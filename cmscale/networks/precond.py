@@ -182,6 +182,8 @@ class TrigFlowPrecond(nn.Module):
     """
 
     TIME_INPUTS = ("log_sigma", "t")
+    # d c_noise per unit of ln(sigma) (log_sigma) or of t (t), before noise_label_scale
+    C_NOISE_RATE = {"log_sigma": 250.0, "t": 2000.0 / math.pi}
 
     def __init__(self, model: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
                  sigma_max: float = 80.0, time_input: str = "log_sigma"):
@@ -205,9 +207,10 @@ class TrigFlowPrecond(nn.Module):
 
     def c_noise(self, t: torch.Tensor) -> torch.Tensor:
         """The network's time input (see ``time_input``)."""
+        rate = self.C_NOISE_RATE[self.time_input]
         if self.time_input == "t":
-            return t.clamp(0.0, math.pi / 2) * (2000.0 / math.pi)
-        return 250.0 * self.log_sigma(t)
+            return t.clamp(0.0, math.pi / 2) * rate
+        return rate * self.log_sigma(t)
 
     def raw(self, x_t: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         """``F(x_t / sigma_d, c_noise(t))`` in the skip connection's precision."""
