@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,33 @@ def test_report_and_cache(setup):
     assert "computed" in s0 and "report.csv" not in s0
     new = sum(int(s.split("fid_report: computed ")[1].split(",")[0]) for s in (s0, s1))
     assert new == 3 and len(list((out / "cache").glob("*.json"))) == 9
+
+
+WRAPPER = """
+import atexit, json, os, sys
+from cmscale.fid_report import main
+# written by the interpreter's teardown, per rank
+atexit.register(lambda: open(sys.argv[1] + "." + os.environ.get("RANK", "0"), "w").close())
+with open(sys.argv[2]) as f:  # fid_report's arguments (torchrun would parse "--num" itself)
+    sys.exit(main(json.load(f)))
+"""
+
+
+def test_several_ranks_leave_without_the_interpreter_teardown(setup):
+    """On 2 ranks fid_report ends both processes with its exit code once the process group is
+    destroyed and the output flushed, without the interpreter's teardown (where a finished
+    rank could abort in a C++ thread destructor and fail its job); on 1 rank it returns."""
+    tmp, run, ref, env = setup
+    script = tmp / "wrapper.py"
+    script.write_text(WRAPPER)
+    args = [str(run), "--out", str(tmp / "report2"), "--ref", str(ref), "--extractor", "digits",
+            "--num", "32", "--batch-size", "16", "--sampler", "onestep"]
+    marker, argfile = tmp / "teardown", tmp / "args.json"
+    argfile.write_text(json.dumps(args))
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", str(script), str(marker), str(argfile)], env, timeout=300)
+    assert "fid_report: 3 rows (0 missing)" in out, out
+    assert (tmp / "report2" / "report.csv").is_file()
+    assert not list(tmp.glob("teardown.*"))  # neither rank ran the teardown
+    out = _run([sys.executable, str(script), str(marker), str(argfile)], env)
+    assert "cache hits 3" in out and (tmp / "teardown.0").is_file()
